@@ -1,0 +1,63 @@
+"""Shared fixtures. Every behaviour test is parametrized over SCRIPTS through the `script` fixture,
+so a script added to the family is checked by the same specification."""
+import importlib.util
+import os
+import pathlib
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SCRIPTS = ['airbench94']
+
+
+def load_script(name):
+    """Import a script by file path (so scripts in subfolders load the same way)."""
+    path = REPO / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(name.replace('/', '_'), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(params=SCRIPTS, scope='session')
+def script(request):
+    return load_script(request.param)
+
+
+def write_split(path, n, seed):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 10
+    # Class-dependent colour so that a few steps of training can learn something.
+    images = torch.randint(0, 128, (n, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    images[..., 0] += (labels * 12).to(torch.uint8)[:, None, None]
+    torch.save({'images': images, 'labels': labels, 'classes': [str(k) for k in range(10)]}, path)
+
+
+@pytest.fixture(scope='session')
+def tiny_data_dir(tmp_path_factory):
+    """A small synthetic dataset in the cache format: 256 train and 64 test images."""
+    path = tmp_path_factory.mktemp('tiny_cifar')
+    write_split(path / 'train.pt', 256, seed=0)
+    write_split(path / 'test.pt', 64, seed=1)
+    return path
+
+
+@pytest.fixture(scope='session')
+def one_batch_data_dir(tmp_path_factory):
+    """Synthetic data with exactly one default-size (1024) training batch, for command-line runs."""
+    path = tmp_path_factory.mktemp('one_batch_cifar')
+    write_split(path / 'train.pt', 1024, seed=2)
+    write_split(path / 'test.pt', 100, seed=3)
+    return path
+
+
+@pytest.fixture(scope='session')
+def real_data_dir():
+    """The real CIFAR-10 cache named by AIRBENCH_DATA. Required in CI; skipped elsewhere if unset."""
+    path = os.environ.get('AIRBENCH_DATA')
+    if path and (pathlib.Path(path) / 'train.pt').exists():
+        return pathlib.Path(path)
+    if os.environ.get('CI'):
+        pytest.fail('AIRBENCH_DATA must name a directory with train.pt/test.pt in CI')
+    pytest.skip('set AIRBENCH_DATA to a directory with the real CIFAR-10 train.pt/test.pt')

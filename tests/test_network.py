@@ -1,0 +1,48 @@
+"""The network: its size, its frozen parts and its initialization."""
+import torch
+
+
+def test_parameter_count_matches_the_paper(script):
+    assert sum(p.numel() for p in script.make_net().parameters()) == 1_972_792
+
+
+def test_whitening_weights_and_batchnorm_scales_are_frozen(script):
+    net = script.make_net()
+    assert not net.whiten.weight.requires_grad
+    assert net.whiten.bias.requires_grad  # trains for the first epochs, then train() freezes it
+    assert torch.all(net.whiten.bias == 0)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 6
+    for norm in norms:
+        assert not norm.weight.requires_grad and norm.bias.requires_grad
+        assert torch.all(norm.weight == 1)
+        assert norm.momentum == 1 - 0.6 and norm.eps == 1e-12
+
+
+def test_frozen_parameters_are_not_given_to_the_optimizer(script):
+    net = script.make_net()
+    optimizer = script.make_optimizer(net, script.hyp['opt'], batch_size=1024)
+    optimized = {id(p) for group in optimizer.param_groups for p in group['params']}
+    assert id(net.whiten.weight) not in optimized
+    assert all(id(p) in optimized for p in net.parameters() if p.requires_grad)
+
+
+def test_convs_start_as_partial_identity(script):
+    net = script.make_net()
+    convs = [m for m in net.modules() if isinstance(m, script.Conv)]
+    assert len(convs) == 6
+    for conv in convs:
+        x = torch.randn(2, conv.in_channels, 8, 8)
+        y = conv(x)
+        # The first in_channels outputs copy the input channels exactly.
+        assert torch.allclose(y[:, :conv.in_channels], x, atol=1e-6)
+
+
+def test_output_shape_and_spatial_sizes(script):
+    net = script.make_net()
+    sizes = []
+    for block in [m for m in net.modules() if isinstance(m, script.ConvGroup)]:
+        block.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    logits = net(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 10) and logits.dtype == torch.float32
+    assert sizes == [15, 7, 3]

@@ -1,0 +1,199 @@
+"""Optimization pieces and short end-to-end trainings on a tiny synthetic dataset."""
+import math
+
+import pytest
+import torch
+
+FAST = dict(epochs=2, seed=0)  # a few steps on the tiny dataset: seconds on a CPU
+
+
+@pytest.fixture
+def loaders(script, tiny_data_dir):
+    train = script.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=script.hyp['aug'], device='cpu')
+    test = script.CifarLoader(tiny_data_dir, train=False, batch_size=64, device='cpu')
+    return train, test
+
+
+def test_lr_schedule_values_at_its_knots(script):
+    knobs = dict(warmup=0.23, start=0.2, end=0.07)
+    total = 476
+    assert script.lr_multiplier(0, total, **knobs) == pytest.approx(0.2)
+    assert script.lr_multiplier(0.23 * total, total, **knobs) == pytest.approx(1.0)
+    assert script.lr_multiplier(total, total, **knobs) == pytest.approx(0.07)
+    halfway_up = script.lr_multiplier(0.115 * total, total, **knobs)
+    assert halfway_up == pytest.approx(0.6)  # linear in between
+    values = [script.lr_multiplier(s, total, **knobs) for s in range(total)]
+    peak = max(range(total), key=values.__getitem__)
+    assert all(a < b for a, b in zip(values[:peak], values[1:peak + 1]))
+    assert all(a > b for a, b in zip(values[peak:-1], values[peak + 1:]))
+
+
+def test_optimizer_decouples_lr_momentum_and_weight_decay(script):
+    net = script.make_net()
+    opt = dict(script.hyp['opt'], lr=11.5, momentum=0.85, weight_decay=0.0153, bias_scaler=64.0)
+    biases, others = script.make_optimizer(net, opt, batch_size=1024).param_groups
+    k = 1024 * (1 + 1 / (1 - 0.85))
+    assert others['lr'] == pytest.approx(11.5 / k)
+    assert biases['lr'] == pytest.approx(64 * 11.5 / k)
+    for group in (biases, others):  # the same total decay per step for both groups
+        assert group['lr'] * group['weight_decay'] == pytest.approx(0.0153 * 1024 / k)
+        assert group['nesterov'] and group['momentum'] == 0.85
+    assert len(biases['params']) == 6
+
+
+def test_lookahead_update_arithmetic(script):
+    net = torch.nn.BatchNorm2d(2)
+    state = script.LookaheadState(net)
+    with torch.no_grad():
+        net.bias.fill_(1.0)
+        net.running_mean.fill_(4.0)
+    state.update(net, decay=0.75)
+    # ema <- ema + (1 - decay) * (param - ema), and the net is pulled back to the ema.
+    assert torch.allclose(net.bias, torch.full((2,), 0.25))
+    assert torch.allclose(net.running_mean, torch.full((2,), 1.0))
+    assert torch.allclose(state.ema['bias'], net.bias)
+    with torch.no_grad():
+        net.bias.fill_(5.0)
+    state.update(net, decay=1.0)  # decay 1: the net is simply set to the ema
+    assert torch.allclose(net.bias, torch.full((2,), 0.25))
+    assert 'num_batches_tracked' not in state.ema
+
+
+def test_tta_level_1_is_the_mean_of_image_and_mirror(script, loaders):
+    _, test = loaders
+    net = script.make_net().eval()
+    with torch.no_grad():
+        x = test.normalize(test.images)
+        expected = 0.5 * (net(x) + net(x.flip(-1)))
+    assert torch.allclose(script.infer(net, test, tta_level=1), expected, atol=1e-5)
+
+
+def test_tta_level_2_adds_the_two_one_pixel_shifts(script, loaders):
+    _, test = loaders
+    net = script.make_net().eval()
+    with torch.no_grad():
+        x = test.normalize(test.images)
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode='reflect')
+        level1 = lambda v: 0.5 * (net(v) + net(v.flip(-1)))
+        expected = 0.5 * level1(x) + 0.25 * level1(padded[..., :32, :32]) + 0.25 * level1(padded[..., 2:, 2:])
+    assert torch.allclose(script.infer(net, test, tta_level=2), expected, atol=1e-5)
+
+
+def test_infer_ignores_shuffle_and_keeps_stored_order(script, loaders):
+    train, _ = loaders
+    net = script.make_net().eval()
+    with torch.no_grad():
+        expected = net(train.normalize(train.images))
+    assert torch.allclose(script.infer(net, train, tta_level=0), expected, atol=1e-5)
+    assert script.infer(net, train, tta_level=0).shape == (256, 10)
+
+
+def test_training_end_to_end_learns_and_reports_each_epoch(script, loaders):
+    train, test = loaders
+    rows = []
+    net = script.train(train, test, report=rows.append, dtype=torch.float32, epochs=4, seed=0, lr=4.0)
+    assert [r['epoch'] for r in rows] == [1, 2, 3, 4]
+    assert all(set(r) == {'epoch', 'train_loss', 'train_acc', 'val_acc', 'seconds'} for r in rows)
+    assert rows[-1]['train_loss'] < rows[0]['train_loss']
+    assert all(b['seconds'] > a['seconds'] for a, b in zip(rows, rows[1:]))
+    assert script.evaluate(net, test) > 0.3  # classes are separable by colour; chance is 0.1
+
+
+def test_whitening_bias_freezes_after_its_epochs(script, loaders, monkeypatch):
+    train, _ = loaders
+    nets, biases = [], []
+    make_net = script.make_net
+    monkeypatch.setattr(script, 'make_net', lambda *a, **k: nets.append(make_net(*a, **k)) or nets[-1])
+    script.train(train, report=lambda row: biases.append(nets[0].whiten.bias.detach().clone()),
+                 dtype=torch.float32, epochs=5, seed=0, whiten_bias_epochs=2,
+                 lookahead_every=10**9)  # no lookahead, so a frozen bias stays exactly put
+    assert not torch.equal(biases[0], biases[1])  # epoch 2 still trains it
+    assert torch.equal(biases[1], biases[2]) and torch.equal(biases[2], biases[3])  # frozen after
+
+
+def test_fractional_epochs_stop_at_the_right_step(script, loaders, monkeypatch):
+    train, _ = loaders  # 4 steps per epoch
+    steps = []
+    step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, 'step', lambda self, *a, **k: steps.append(1) or step(self, *a, **k))
+    script.train(train, dtype=torch.float32, epochs=1.3, seed=0)
+    assert len(steps) == math.ceil(1.3 * 4)
+
+
+def test_same_seed_gives_bit_identical_training_on_cpu(script, loaders):
+    train, test = loaders
+    nets = [script.train(train, dtype=torch.bfloat16, **FAST) for _ in range(2)]
+    for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.equal(script.infer(nets[0], test), script.infer(nets[1], test))
+    other = script.train(train, dtype=torch.bfloat16, epochs=2, seed=1)
+    assert not torch.equal(script.infer(other, test), script.infer(nets[0], test))
+
+
+def test_float16_path_runs_on_cpu_with_float32_batchnorm(script, loaders):
+    """The published CUDA precision (half weights, float32 BatchNorm), exercised here on the CPU."""
+    train, test = loaders
+    net = script.train(train, test, dtype=torch.float16, **FAST)
+    assert net.whiten.weight.dtype == torch.float16 and net.head.weight.dtype == torch.float16
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.bias.dtype == m.running_var.dtype == torch.float32 for m in norms)
+    logits = script.infer(net, test)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize('device, dtype, expected', [
+    ('cpu', 'float32', torch.float32),
+    ('cpu', 'float16', torch.float16),
+    ('cpu', torch.bfloat16, torch.bfloat16),
+])
+def test_device_and_dtype_overrides(script, device, dtype, expected):
+    assert script.choose_device_and_dtype(device, dtype) == (torch.device('cpu'), expected)
+
+
+def test_default_precision_policy(script, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
+    assert script.choose_device_and_dtype() == (torch.device('cpu'), torch.bfloat16)
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
+    assert script.choose_device_and_dtype() == (torch.device('cpu'), torch.float32)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert script.choose_device_and_dtype() == (torch.device('cuda'), torch.float16)
+
+
+@pytest.mark.parametrize('device, dtype, message', [
+    ('tpu', None, 'unknown device'),
+    ('cpu', 'int8', 'unknown dtype'),
+])
+def test_bad_device_or_dtype_is_an_error(script, device, dtype, message):
+    with pytest.raises(script.AirbenchError, match=message):
+        script.choose_device_and_dtype(device, dtype)
+
+
+def test_cuda_without_a_gpu_is_an_error(script, monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    with pytest.raises(script.AirbenchError, match='no CUDA GPU'):
+        script.choose_device_and_dtype('cuda')
+
+
+def test_nan_loss_stops_training_with_a_clear_message(script, loaders):
+    train, _ = loaders
+    with pytest.raises(script.AirbenchError, match='training diverged'):
+        script.train(train, dtype=torch.float32, epochs=1, seed=0, lr=float('inf'))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(epochs=0), 'epochs must be positive'),
+    (dict(learning_rate=1.0), 'unknown training option'),
+])
+def test_bad_training_options_are_errors(script, loaders, overrides, message):
+    with pytest.raises(script.AirbenchError, match=message):
+        script.train(loaders[0], **overrides)
+
+
+def test_flops_are_counted_not_typed_in(script):
+    """SPEC: 476 steps of 1024 = 0.345 PFLOPs training, + 6-view TTA on 10k = 0.359 PFLOPs."""
+    train_flops, eval_flops = script.count_flops(476, 1024, 10_000, tta_level=2)
+    assert train_flops == pytest.approx(0.345e15, rel=0.01)
+    assert train_flops + eval_flops == pytest.approx(0.359e15, rel=0.01)
+    assert eval_flops / 6 / 10_000 == pytest.approx(0.236e9, rel=0.01)  # forward FLOPs per image

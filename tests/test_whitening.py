@@ -1,0 +1,33 @@
+"""The whitening conv: eigenvector filters that decorrelate 2x2 patches."""
+import torch
+
+
+def whitened_patch_covariance(script, layer, images):
+    out = torch.nn.functional.conv2d(images, layer.weight[:12])  # the 12 un-negated filters
+    flat = out.permute(0, 2, 3, 1).reshape(-1, 12)
+    return flat.T @ flat / len(flat)
+
+
+def test_whitened_patches_of_real_images_have_identity_covariance(script, real_data_dir):
+    loader = script.CifarLoader(real_data_dir, train=True, device='cpu')
+    images = loader.normalize(loader.images[:5000])
+    layer = torch.nn.Conv2d(3, 24, 2)
+    script.init_whitening_conv(layer, images, eps=1e-9)
+    covariance = whitened_patch_covariance(script, layer, images)
+    assert torch.allclose(covariance, torch.eye(12), atol=1e-2)
+    # With the published eps=5e-4 the covariance is diag(lambda / (lambda + eps)): still decorrelated.
+    script.init_whitening_conv(layer, images)
+    covariance = whitened_patch_covariance(script, layer, images)
+    assert torch.allclose(covariance, torch.diag(covariance.diag()), atol=5e-3)
+    assert covariance.diag().min() > 0.5 and covariance.diag().max() < 1.001
+
+
+def test_filters_come_largest_eigenvalue_first_then_negated(script):
+    images = torch.randn(50, 3, 8, 8) * torch.tensor([3.0, 1.0, 0.3]).view(1, 3, 1, 1)
+    layer = torch.nn.Conv2d(3, 24, 2)
+    script.init_whitening_conv(layer, images)
+    weights = layer.weight.flatten(1)
+    assert torch.equal(weights[12:], -weights[:12])
+    # Filters are eigenvectors / sqrt(lambda + eps): their norms grow as the eigenvalues shrink.
+    norms = weights[:12].norm(dim=1)
+    assert torch.all(norms[1:] >= norms[:-1] * (1 - 1e-5))
