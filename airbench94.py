@@ -638,7 +638,7 @@ def main(argv=None):
                                    aug=hyp['aug'], device=args.device)
         test_loader = CifarLoader(args.data_dir, train=False, batch_size=2000, device=args.device)
     except AirbenchError as e:
-        sys.exit(f'airbench94: error: {e}')
+        sys.exit(f'{os.path.basename(__file__)}: error: {e}')
 
     total_steps = math.ceil(args.epochs * len(train_loader))
     train_flops, eval_flops = count_flops(total_steps, train_loader.batch_size, len(test_loader.images), args.tta_level)
@@ -663,7 +663,7 @@ def main(argv=None):
             if not args.no_log:
                 save_log(log, log_path)
     except AirbenchError as e:
-        sys.exit(f'airbench94: error: {e}')
+        sys.exit(f'{os.path.basename(__file__)}: error: {e}')
     except KeyboardInterrupt:
         print(f'\ninterrupted after {len(runs)} complete run(s)', file=sys.stderr)
 

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-SCRIPTS = ['airbench94']
+# What differs between the scripts, from SPEC.md (parameters and FLOPs per run with 6-view TTA).
+FAMILY = {
+    'airbench94': dict(parameters=1_972_792, pflops=0.359, convs_per_block=2, epochs=9.9),
+    'airbench94_compiled': dict(parameters=1_972_792, pflops=0.359, convs_per_block=2, epochs=9.9),
+    'airbench95': dict(parameters=4_606_520, pflops=1.37, convs_per_block=2, epochs=15),
+    'airbench96': dict(parameters=9_918_776, pflops=4.99, convs_per_block=3, epochs=37),  # SPEC: 9.92M
+}
+SCRIPTS = list(FAMILY)
+SMALL_WIDTHS = {'block1': 32, 'block2': 64, 'block3': 64}  # >= 24, the whitening conv's output
 
 
 def load_script(name):
@@ -25,12 +33,32 @@ def script(request):
     return load_script(request.param)
 
 
+@pytest.fixture
+def expected(script):
+    """The script's own figures from FAMILY."""
+    return FAMILY[script.__name__]
+
+
+@pytest.fixture(autouse=True)
+def small_uncompiled_networks(request, monkeypatch):
+    """Behaviour tests train narrow networks (SMALL_WIDTHS), so that every script's training
+    tests take seconds on a CPU, and skip torch.compile (tested on its own, marked `compile`).
+    Tests of the real sizes opt out with the `full_size` marker."""
+    if 'script' not in request.fixturenames:
+        return
+    script = request.getfixturevalue('script')
+    if not request.node.get_closest_marker('full_size'):
+        monkeypatch.setitem(script.hyp['net'], 'widths', SMALL_WIDTHS)
+    if hasattr(script, 'compile_net') and not request.node.get_closest_marker('compile'):
+        monkeypatch.setattr(script, 'compile_net', lambda net, device: net)
+
+
 def write_split(path, n, seed):
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 10
     # Class-dependent colour so that a few steps of training can learn something.
-    images = torch.randint(0, 128, (n, 32, 32, 3), dtype=torch.uint8, generator=generator)
-    images[..., 0] += (labels * 12).to(torch.uint8)[:, None, None]
+    images = torch.randint(0, 64, (n, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    images[..., 0] += (labels * 19).to(torch.uint8)[:, None, None]
     torch.save({'images': images, 'labels': labels, 'classes': [str(k) for k in range(10)]}, path)
 
 

@@ -1,22 +1,24 @@
 """The network: its size, its frozen parts and its initialization."""
+import pytest
 import torch
 
 
-def test_parameter_count_matches_the_paper(script):
-    assert sum(p.numel() for p in script.make_net().parameters()) == 1_972_792
+@pytest.mark.full_size
+def test_parameter_count_matches_the_paper(script, expected):
+    assert sum(p.numel() for p in script.make_net().parameters()) == expected['parameters']
 
 
-def test_whitening_weights_and_batchnorm_scales_are_frozen(script):
+def test_whitening_weights_and_batchnorm_scales_are_frozen(script, expected):
     net = script.make_net()
     assert not net.whiten.weight.requires_grad
     assert net.whiten.bias.requires_grad  # trains for the first epochs, then train() freezes it
     assert torch.all(net.whiten.bias == 0)
     norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert len(norms) == 6
+    assert len(norms) == 3 * expected['convs_per_block']
     for norm in norms:
         assert not norm.weight.requires_grad and norm.bias.requires_grad
         assert torch.all(norm.weight == 1)
-        assert norm.momentum == 1 - 0.6 and norm.eps == 1e-12
+        assert norm.momentum == pytest.approx(1 - script.hyp['net']['batchnorm_momentum']) and norm.eps == 1e-12
 
 
 def test_frozen_parameters_are_not_given_to_the_optimizer(script):
@@ -27,10 +29,10 @@ def test_frozen_parameters_are_not_given_to_the_optimizer(script):
     assert all(id(p) in optimized for p in net.parameters() if p.requires_grad)
 
 
-def test_convs_start_as_partial_identity(script):
+def test_convs_start_as_partial_identity(script, expected):
     net = script.make_net()
     convs = [m for m in net.modules() if isinstance(m, script.Conv)]
-    assert len(convs) == 6
+    assert len(convs) == 3 * expected['convs_per_block']
     for conv in convs:
         x = torch.randn(2, conv.in_channels, 8, 8)
         y = conv(x)
