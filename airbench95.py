@@ -78,7 +78,7 @@ def choose_device_and_dtype(device=None, dtype=None):
 
     - CUDA: float16 weights and activations, BatchNorm kept in float32 (as published).
     - CPU: float32 weights, matmuls and convs under bfloat16 autocast when the CPU has bf16
-      instructions (several times faster), else plain float32.
+      instructions (much faster than float32 there), else plain float32.
     - MPS: float32 (half precision there is unverified).
     `device` / `dtype` (strings or torch objects) override the automatic choice.
     """

@@ -53,31 +53,29 @@ def small_uncompiled_networks(request, monkeypatch):
         monkeypatch.setattr(script, 'compile_net', lambda net, device: net)
 
 
-def write_split(path, n, seed):
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % 10
-    # Class-dependent colour so that a few steps of training can learn something.
-    images = torch.randint(0, 64, (n, 32, 32, 3), dtype=torch.uint8, generator=generator)
-    images[..., 0] += (labels * 19).to(torch.uint8)[:, None, None]
-    torch.save({'images': images, 'labels': labels, 'classes': [str(k) for k in range(10)]}, path)
+def write_dataset(path, train_images, test_images):
+    """A synthetic dataset in the cache format, with a class-dependent colour so that a few
+    training steps learn something."""
+    for split, n in (('train', train_images), ('test', test_images)):
+        generator = torch.Generator().manual_seed(n)
+        labels = torch.arange(n) % 10
+        images = torch.randint(0, 64, (n, 32, 32, 3), dtype=torch.uint8, generator=generator)
+        images[..., 0] += (labels * 19).to(torch.uint8)[:, None, None]
+        torch.save({'images': images, 'labels': labels, 'classes': [str(k) for k in range(10)]},
+                   path / f'{split}.pt')
+    return path
 
 
 @pytest.fixture(scope='session')
 def tiny_data_dir(tmp_path_factory):
-    """A small synthetic dataset in the cache format: 256 train and 64 test images."""
-    path = tmp_path_factory.mktemp('tiny_cifar')
-    write_split(path / 'train.pt', 256, seed=0)
-    write_split(path / 'test.pt', 64, seed=1)
-    return path
+    """256 train and 64 test images: behaviour tests train on it in seconds."""
+    return write_dataset(tmp_path_factory.mktemp('tiny_cifar'), 256, 64)
 
 
 @pytest.fixture(scope='session')
 def one_batch_data_dir(tmp_path_factory):
-    """Synthetic data with exactly one default-size (1024) training batch, for command-line runs."""
-    path = tmp_path_factory.mktemp('one_batch_cifar')
-    write_split(path / 'train.pt', 1024, seed=2)
-    write_split(path / 'test.pt', 100, seed=3)
-    return path
+    """Exactly one default-size (1024) training batch, for command-line runs."""
+    return write_dataset(tmp_path_factory.mktemp('one_batch_cifar'), 1024, 100)
 
 
 @pytest.fixture(scope='session')
