@@ -6,6 +6,8 @@ import pathlib
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  imported up front: its import inspects torch.cuda.is_available,
+                      # which some tests replace with a stub
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # What differs between the scripts, from SPEC.md (parameters and FLOPs per run with 6-view TTA).

@@ -1,8 +1,6 @@
 """README's code runs: its data-selection example, on a tiny synthetic dataset."""
 import re
 
-import torch
-
 from conftest import REPO
 
 
@@ -13,8 +11,6 @@ def test_readme_data_selection_example_runs(tiny_data_dir, monkeypatch, capsys):
                       .replace('batch_size=1024', 'batch_size=64')     # the tiny set has 256 images
                       .replace('epochs=16', 'epochs=3'))
     monkeypatch.syspath_prepend(str(REPO))
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)   # keep it on the CPU
-    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
     import airbench94
     monkeypatch.setitem(airbench94.hyp['opt'], 'epochs', 2)
     exec(snippet, {})
