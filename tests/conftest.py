@@ -18,6 +18,19 @@ FAMILY = {
     'airbench96': dict(parameters=9_918_776, pflops=4.99, convs_per_block=3, epochs=37),  # SPEC: 9.92M
 }
 SCRIPTS = list(FAMILY)
+# The ablation series (SPEC.md, "Ablation series"): script, the feature it adds, its epochs.
+SERIES = [
+    ('ablations/main0_network', None, 35),
+    ('ablations/main1_whiten', 'whiten', 21),
+    ('ablations/main2_dirac', 'dirac', 18),
+    ('ablations/main3_scalebias', 'scalebias', 13.5),
+    ('ablations/main4_freeze', 'freeze', 13.5),
+    ('ablations/main5_lookahead', 'lookahead', 12),
+    ('ablations/main6_tta', 'tta', 10.8),
+    ('ablations/main7_mirror', 'mirror', 9.9),
+    ('ablations/main8_compile', 'compile', 9.9),
+]
+ABLATIONS = [name for name, _, _ in SERIES] + ['ablations/train_resnet18']
 SMALL_WIDTHS = {'block1': 32, 'block2': 64, 'block3': 64}  # >= 24, the whitening conv's output
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import FAMILY, REPO, SCRIPTS
+from conftest import ABLATIONS, FAMILY, REPO, SCRIPTS
 
 
 def run_script(name, *args, cwd):
@@ -16,7 +16,7 @@ def run_script(name, *args, cwd):
                           text=True, timeout=300, env={**os.environ, 'TORCHDYNAMO_DISABLE': '1'})
 
 
-@pytest.mark.parametrize('name', SCRIPTS)
+@pytest.mark.parametrize('name', SCRIPTS + ABLATIONS)
 def test_import_has_no_side_effects(name, tmp_path):
     code = f'import sys; sys.path.insert(0, {str(REPO)!r}); import {name.replace("/", ".")}'
     result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -25,7 +25,7 @@ def test_import_has_no_side_effects(name, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no logs, no data, no downloads
 
 
-@pytest.mark.parametrize('name', SCRIPTS)
+@pytest.mark.parametrize('name', SCRIPTS + ABLATIONS)
 def test_help_documents_every_flag(name, tmp_path):
     result = run_script(name, '--help', cwd=tmp_path)
     assert result.returncode == 0

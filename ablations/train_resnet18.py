@@ -1,0 +1,580 @@
+"""train_resnet18.py: the classic baseline the ablation series is measured against.
+
+A ResNet-18 for CIFAR-10 trained the classic way: PyTorch's default init, Nesterov SGD with L2
+weight decay, random flip + pad-4 random crop, mirror test-time augmentation; 26 epochs, the
+published time-to-94% of this baseline (4.35 PFLOPs). Everything else (loader, precision policy,
+command line, logs) is the same as in the ablation scripts, so their timings compare.
+
+    python ablations/train_resnet18.py              # train, print a table per epoch, log to logs/<run id>/
+    python ablations/train_resnet18.py --help       # every flag
+
+Importing this file does nothing but define things; its API is airbench94.py's (see README.md).
+"""
+
+#############################################
+#                  Setup                    #
+#############################################
+
+import argparse
+import contextlib
+import ctypes
+import datetime
+import math
+import os
+import sys
+import time
+import uuid
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+hyp = {
+    'opt': {
+        'epochs': 26,               # published time-to-94% length of this baseline
+        'batch_size': 512,          # large enough to keep a GPU busy, small enough for few epochs
+        'lr': 0.4,                  # the classic 0.1 at batch 128, scaled linearly to batch 512
+        'momentum': 0.9,            # Nesterov momentum, the classic value
+        'weight_decay': 5e-4,       # the classic L2 penalty (PyTorch weight_decay, coupled to lr)
+        'label_smoothing': 0.0,     # none: the classic recipe
+        'lr_warmup': 0.15,          # fraction of steps over which the lr ramps up...
+        'lr_start': 0.1,            # ...from this multiple of lr to 1.0...
+        'lr_end': 0.0,              # ...and then falls linearly to zero at the last step
+        'seed': None,               # None draws a fresh seed per training
+    },
+    'aug': {
+        'flip': True,               # random flip: each image mirrored with probability 1/2, every epoch
+        'translate': 4,             # the classic pad-4 random crop (reflect-padded here)
+    },
+    'net': {
+        'widths': {'block1': 64, 'block2': 128, 'block3': 256, 'block4': 512},  # ResNet-18's stages
+        'tta_level': 1,             # 0: one view, 1: + mirror (2 views)
+    },
+}
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+
+
+class AirbenchError(Exception):
+    """A problem the user can fix (bad flag, missing data, diverged run): main() prints the message
+    and exits without a traceback."""
+
+
+#############################################
+#          Device and precision policy      #
+#############################################
+
+def choose_device_and_dtype(device=None, dtype=None):
+    """The whole device/precision policy, in one place. Returns (torch.device, torch.dtype).
+
+    - CUDA: float16 weights and activations, BatchNorm kept in float32 (as published).
+    - CPU: float32 weights, matmuls and convs under bfloat16 autocast when the CPU has bf16
+      instructions (much faster than float32 there), else plain float32.
+    - MPS: float32 (half precision there is unverified).
+    `device` / `dtype` (strings or torch objects) override the automatic choice.
+    """
+    if device is None:
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise AirbenchError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise AirbenchError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        raise AirbenchError("device 'mps' was asked for, but this PyTorch has no MPS backend; use --device cpu")
+    if device.type not in ('cpu', 'cuda', 'mps'):
+        raise AirbenchError(f"unsupported device {str(device)!r}: use cpu, cuda, cuda:N or mps")
+    if dtype is None:
+        cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        dtype = {'cuda': torch.float16, 'mps': torch.float32,
+                 'cpu': torch.bfloat16 if cpu_bf16 else torch.float32}[device.type]
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise AirbenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise AirbenchError(f"unsupported dtype {dtype}: use one of {', '.join(DTYPES)}")
+    return device, dtype
+
+
+def tune_process_for(device):
+    """Process-wide speedups, applied by main() only (never on import)."""
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # pick the fastest conv kernels for our fixed shapes
+    if device.type == 'cpu' and sys.platform.startswith('linux'):
+        # glibc hands freed large blocks back to the OS, so every step would page-fault its
+        # ~1 GB of activations back in: about a third of a CPU step. Keep freed memory instead.
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL('libc.so.6')
+            libc.mallopt(-4, 0)           # M_MMAP_MAX = 0: serve large blocks from the heap
+            libc.mallopt(-1, 2**31 - 1)   # M_TRIM_THRESHOLD: never shrink the heap
+
+
+def synchronize(device):
+    """Wait for queued GPU work, so that wall-clock time measures it."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()
+
+
+#############################################
+#                DataLoader                 #
+#############################################
+
+def default_data_dir():
+    return os.environ.get('AIRBENCH_DATA', './cifar10')
+
+
+def load_cifar10(data_dir, train=True):
+    """Return {'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes': [10 names]} for one split,
+    from <data_dir>/{train,test}.pt; downloads CIFAR-10 with torchvision and writes that file if absent."""
+    split = 'train' if train else 'test'
+    path = os.path.join(data_dir, split + '.pt')
+    fix = (f"Fix: point --data-dir (or AIRBENCH_DATA) at a directory holding train.pt and test.pt; "
+           f"offline, write them with `python shared/data/prepare_cifar10.py {data_dir}`.")
+    if not os.path.exists(path):
+        download_cifar10(data_dir, fix)
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise AirbenchError(f"cannot read {path} ({type(e).__name__}: {e}). It may be corrupted or "
+                            f"unreadable; delete it to download again. {fix}") from None
+    images, labels = (data.get('images'), data.get('labels')) if isinstance(data, dict) else (None, None)
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
+            and images.shape[1:] == (32, 32, 3) and len(images) > 0
+            and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
+            and 0 <= labels.min() and labels.max() <= 9):
+        raise AirbenchError(f"{path} is not a CIFAR-10 {split} cache: expected a dict with 'images' "
+                            f"(uint8 [N,32,32,3]) and 'labels' (int64 [N], values 0-9). "
+                            f"Delete it to download again. {fix}")
+    return {'images': images, 'labels': labels, 'classes': data.get('classes')}
+
+
+def download_cifar10(data_dir, fix):
+    """Fetch CIFAR-10 with torchvision and cache both splits in our format (atomically)."""
+    try:
+        import torchvision
+        os.makedirs(data_dir, exist_ok=True)
+        for train in (True, False):
+            dataset = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
+            data = {'images': torch.from_numpy(dataset.data), 'labels': torch.tensor(dataset.targets),
+                    'classes': list(dataset.classes)}
+            path = os.path.join(data_dir, ('train' if train else 'test') + '.pt')
+            torch.save(data, path + '.tmp')
+            os.replace(path + '.tmp', path)
+    except Exception as e:
+        raise AirbenchError(f"CIFAR-10 is not in {data_dir} and downloading it failed "
+                            f"({type(e).__name__}: {e}). {fix}") from None
+
+
+def batch_translate(images, r):
+    """Reflect-pad each image by r and crop it back at an independent uniform offset in [-r, r]^2."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (r, r, r, r), mode='reflect')
+    dy, dx = torch.randint(0, 2 * r + 1, (2, n, 1), device=images.device)
+    rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def batch_cutout(images, size):
+    """Zero one size x size square per image, placed uniformly so that it lies wholly inside."""
+    n, _, h, w = images.shape
+    y0, x0 = (torch.randint(0, h - size + 1, (2, n, 1, 1), device=images.device))
+    ys = torch.arange(h, device=images.device)[None, :, None]
+    xs = torch.arange(w, device=images.device)[None, None, :]
+    square = (ys >= y0) & (ys < y0 + size) & (xs >= x0) & (xs < x0 + size)
+    return images.masked_fill(square[:, None], 0)
+
+
+class CifarLoader:
+    """One CIFAR-10 split held whole on the device, iterated as normalized, augmented batches.
+
+    `images` (float [N,3,32,32] in [0,1]) and `labels` (int64 [N]) may be replaced, e.g. by a
+    subset, before iterating. `aug` keys: flip (bool), translate (pixels), cutout (square size).
+    """
+    AUGMENTATIONS = ('flip', 'translate', 'cutout')
+
+    def __init__(self, path, train=True, batch_size=500, aug=None, drop_last=None, shuffle=None, device=None):
+        self.aug = dict(aug or {})
+        unknown = set(self.aug) - set(self.AUGMENTATIONS)
+        if unknown:
+            raise AirbenchError(f"unknown augmentation(s) {sorted(unknown)}: use {', '.join(self.AUGMENTATIONS)}")
+        if batch_size < 1:
+            raise AirbenchError(f"batch_size must be at least 1, got {batch_size}")
+        self.device = choose_device_and_dtype(device)[0]
+        data = load_cifar10(path, train)
+        self.images = data['images'].to(self.device).permute(0, 3, 1, 2).float().div(255)
+        self.labels = data['labels'].to(self.device)
+        self.classes = data['classes']
+        self.batch_size = batch_size
+        self.drop_last = train if drop_last is None else drop_last
+        self.shuffle = train if shuffle is None else shuffle
+
+    def __len__(self):
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def normalize(self, images):
+        mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def augment(self, images):
+        # Augmenting each batch as it is drawn gives every image the same independent draws as
+        # augmenting the whole epoch up front, with no epoch-sized temporaries.
+        if self.aug.get('flip'):
+            flip = torch.rand(len(images), device=images.device) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        if self.aug.get('translate'):
+            images = batch_translate(images, self.aug['translate'])
+        if self.aug.get('cutout'):
+            images = batch_cutout(images, self.aug['cutout'])
+        return images
+
+    def __iter__(self):
+        if len(self.images) != len(self.labels):
+            raise AirbenchError(f"loader has {len(self.images)} images but {len(self.labels)} labels")
+        n = len(self.images)
+        order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            indices = order[i * self.batch_size:(i + 1) * self.batch_size]
+            images = self.normalize(self.images[indices])
+            yield self.augment(images), self.labels[indices]
+
+
+#############################################
+#            Network Components             #
+#############################################
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BatchNorm and a shortcut (a strided 1x1 conv where the shape changes)."""
+
+    def __init__(self, channels_in, channels_out, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(channels_out)
+        self.conv2 = nn.Conv2d(channels_out, channels_out, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(channels_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or channels_in != channels_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(channels_in, channels_out, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(channels_out))
+
+    def forward(self, x):
+        out = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class Net(nn.Module):
+    """ResNet-18 for 32x32 images: a 3x3 stem (no max-pool), four stages of two BasicBlocks,
+    global average pooling and a linear classifier. PyTorch's default init throughout."""
+
+    def __init__(self, widths):
+        super().__init__()
+        widths = list(widths.values())
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        stages, channels_in = [], widths[0]
+        for i, width in enumerate(widths):
+            stages += [BasicBlock(channels_in, width, stride=1 if i == 0 else 2), BasicBlock(width, width, stride=1)]
+            channels_in = width
+        self.layers = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(widths[-1], 10)
+        self.autocast_dtype = None  # set by set_precision
+
+    def set_precision(self, dtype):
+        """float16: half weights, float32 BatchNorm. bfloat16: float32 weights under bf16 autocast
+        (bf16 weights would round away the small updates). float32: plain."""
+        self.float()
+        if dtype == torch.float16:
+            self.half()
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.float()
+        self.autocast_dtype = dtype if dtype == torch.bfloat16 else None
+        return self
+
+    def forward(self, x):
+        x = x.to(self.head.weight.dtype, memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.autocast_dtype is not None):
+            logits = self.head(self.layers(self.stem(x)))
+        return logits.float()
+
+
+def make_net(widths=None):
+    """A fresh ResNet-18 (float32, on the CPU)."""
+    return Net(widths or hyp['net']['widths']).to(memory_format=torch.channels_last)
+
+
+#############################################
+#                Training                   #
+#############################################
+
+def lr_multiplier(step, total_steps, warmup, start, end):
+    """Piecewise-linear lr schedule: start -> 1 over the first `warmup` fraction, then 1 -> end."""
+    warmup_steps = warmup * total_steps
+    if step < warmup_steps:
+        return start + (1 - start) * step / warmup_steps
+    return 1 + (end - 1) * (step - warmup_steps) / (total_steps - warmup_steps)
+
+
+def make_optimizer(net, opt, batch_size):
+    """Classic Nesterov SGD with L2 weight decay on every parameter (batch_size: unused, the lr is
+    given for the batch size in hyp)."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=opt['lr'], momentum=opt['momentum'], nesterov=True,
+                                weight_decay=opt['weight_decay'])
+    for group in optimizer.param_groups:
+        group['initial_lr'] = group['lr']
+    return optimizer
+
+
+def train(train_loader=None, test_loader=None, *, dtype=None, report=None, **overrides):
+    """Train a fresh network and return it.
+
+    train_loader: a training CifarLoader (default: the data dir's training set with hyp['aug']).
+    test_loader:  if given, val_acc is measured after each epoch (not counted in `seconds`).
+    dtype:        compute precision (default: choose_device_and_dtype's choice for the device).
+    report:       called after each epoch with a dict: epoch, train_loss, train_acc, val_acc,
+                  seconds (cumulative training time, GPU-synchronized, evaluation excluded).
+    overrides:    any key of hyp['opt'], e.g. epochs=8, lr=10.0, label_smoothing=0, seed=0.
+    """
+    unknown = set(overrides) - set(hyp['opt'])
+    if unknown:
+        raise AirbenchError(f"unknown training option(s) {sorted(unknown)}; known: {', '.join(hyp['opt'])}")
+    opt = {**hyp['opt'], **overrides}
+    if not opt['epochs'] > 0:
+        raise AirbenchError(f"epochs must be positive, got {opt['epochs']}")
+    if opt['seed'] is not None:
+        torch.manual_seed(opt['seed'])
+    if train_loader is None:
+        train_loader = CifarLoader(default_data_dir(), train=True, batch_size=opt['batch_size'], aug=hyp['aug'])
+    device, dtype = choose_device_and_dtype(train_loader.device, dtype)
+    if len(train_loader) == 0:
+        raise AirbenchError(f"the training set ({len(train_loader.images)} images) is smaller than one batch "
+                            f"({train_loader.batch_size})")
+    steps_per_epoch = len(train_loader)
+    total_steps = math.ceil(opt['epochs'] * steps_per_epoch)
+
+    net = make_net().to(device).set_precision(dtype)
+    optimizer = make_optimizer(net, opt, train_loader.batch_size)
+    step = 0
+    seconds = 0.0
+
+    synchronize(device)
+    start = time.perf_counter()
+    for epoch in range(math.ceil(opt['epochs'])):
+        loss_sum = correct = seen = 0
+        net.train()
+        for inputs, labels in train_loader:
+            outputs = net(inputs)
+            loss = F.cross_entropy(outputs, labels, label_smoothing=opt['label_smoothing'])
+            loss.backward()
+            for group in optimizer.param_groups:
+                group['lr'] = group['initial_lr'] * lr_multiplier(
+                    step, total_steps, opt['lr_warmup'], opt['lr_start'], opt['lr_end'])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum = loss_sum + loss.detach() * len(labels)
+            correct = correct + (outputs.argmax(1) == labels).sum()
+            seen += len(labels)
+            if step == total_steps:
+                break
+        synchronize(device)
+        seconds += time.perf_counter() - start
+        if not torch.isfinite(loss_sum):
+            raise AirbenchError(f"the training loss became {float(loss_sum)} in epoch {epoch + 1}; "
+                                f"training diverged (try a lower lr, or float32 with --dtype float32)")
+        if report is not None:
+            report({'epoch': epoch + 1, 'train_loss': float(loss_sum) / seen, 'train_acc': float(correct) / seen,
+                    'val_acc': evaluate(net, test_loader, tta_level=0) if test_loader is not None else None,
+                    'seconds': seconds})
+        synchronize(device)
+        start = time.perf_counter()
+    return net
+
+
+#############################################
+#          Evaluation (with TTA)            #
+#############################################
+
+def tta_logits(net, images, tta_level):
+    """Level 0: one view. 1: mean with the mirror."""
+    if tta_level == 0:
+        return net(images)
+    return 0.5 * (net(images) + net(images.flip(-1)))
+
+
+@torch.no_grad()
+def infer(net, loader, tta_level=None, batch_size=2000):
+    """Logits [N,10] for every image of `loader`, in its stored order (no augmentation, no shuffle)."""
+    tta_level = hyp['net']['tta_level'] if tta_level is None else tta_level
+    if tta_level not in (0, 1):
+        raise AirbenchError(f"tta_level must be 0 or 1, got {tta_level}")
+    was_training = net.training
+    net.eval()
+    images = loader.images
+    logits = torch.cat([tta_logits(net, loader.normalize(images[i:i + batch_size]), tta_level)
+                        for i in range(0, len(images), batch_size)])
+    net.train(was_training)
+    return logits
+
+
+def evaluate(net, loader, tta_level=None):
+    """Accuracy (a float in [0, 1]) of `net` on every image of `loader`."""
+    return (infer(net, loader, tta_level).argmax(1) == loader.labels).float().mean().item()
+
+
+#############################################
+#            FLOP and size counts           #
+#############################################
+
+def count_flops(total_steps, batch_size, test_images, tta_level):
+    """(training FLOPs, evaluation FLOPs) of a run, counted by torch.utils.flop_counter on one real
+    forward+backward and one forward of a small batch (both are linear in the batch size)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net, x = make_net(), torch.randn(2, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        net(x).sum().backward()
+    train_flops = counter.get_total_flops() / len(x) * batch_size * total_steps
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x)
+    views = {0: 1, 1: 2}[tta_level]
+    return train_flops, counter.get_total_flops() / len(x) * views * test_images
+
+
+def count_parameters(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+#############################################
+#                  Main                     #
+#############################################
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--runs', type=int, default=None,
+                        help='trainings to run (default: 25 on a GPU, as published; 1 on a CPU)')
+    parser.add_argument('--epochs', type=float, default=hyp['opt']['epochs'], help='training length (may be fractional)')
+    parser.add_argument('--seed', type=int, default=None,
+                        help='seed of the first run (run i uses seed+i); same seed, device and dtype, same result')
+    parser.add_argument('--data-dir', default=default_data_dir(),
+                        help='directory with train.pt/test.pt (downloaded there if absent); env AIRBENCH_DATA')
+    parser.add_argument('--tta-level', type=int, default=hyp['net']['tta_level'], choices=(0, 1),
+                        help='test-time augmentation: 0 one view, 1 +mirror')
+    parser.add_argument('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best available)')
+    parser.add_argument('--dtype', default=None, choices=tuple(DTYPES),
+                        help='compute precision (default: float16 on CUDA, bfloat16 on bf16-capable CPUs)')
+    parser.add_argument('--no-log', action='store_true', help='do not write logs/<run id>/log.pt')
+    args = parser.parse_args(argv)
+    if args.runs is not None and args.runs < 1:
+        parser.error(f'--runs must be at least 1, got {args.runs}')
+    if not args.epochs > 0 or math.isinf(args.epochs):
+        parser.error(f'--epochs must be a positive number, got {args.epochs}')
+    try:
+        args.device, args.dtype = choose_device_and_dtype(args.device, args.dtype)
+    except AirbenchError as e:
+        parser.error(str(e))
+    if args.runs is None:
+        args.runs = 25 if args.device.type == 'cuda' else 1
+    return args
+
+
+COLUMNS = ('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'seconds')
+
+
+def print_row(values):
+    cells = []
+    for name, value in zip(COLUMNS, values):
+        if isinstance(value, float):
+            value = f'{value:.4f}' if name != 'seconds' else f'{value:.2f}'
+        cells.append(f"{'' if value is None else value:>{len(name)}}")
+    print('  '.join(cells), flush=True)
+
+
+def save_log(log, path):
+    """Write atomically: an interrupted run leaves the previous complete log, never half of one."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(log, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def run_training(args, train_loader, test_loader, seed, label):
+    """One timed training plus TTA evaluation; prints its table rows and returns its record."""
+    epochs = []
+
+    def report(row):
+        epochs.append(row)
+        print_row((label, row['epoch'], row['train_loss'], row['train_acc'], row['val_acc'], None, row['seconds']))
+
+    net = train(train_loader, test_loader, dtype=args.dtype, report=report, epochs=args.epochs, seed=seed)
+    synchronize(args.device)
+    start = time.perf_counter()
+    tta_val_acc = evaluate(net, test_loader, tta_level=args.tta_level)
+    synchronize(args.device)
+    seconds = epochs[-1]['seconds'] + time.perf_counter() - start
+    print_row((label, 'final', None, None, None, tta_val_acc, seconds))
+    return {'seed': seed, 'tta_val_acc': tta_val_acc, 'seconds': seconds, 'epochs': epochs}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tune_process_for(args.device)
+    run_id = datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S_') + uuid.uuid4().hex[:6]
+    log_path = os.path.join('logs', run_id, 'log.pt')
+    try:
+        train_loader = CifarLoader(args.data_dir, train=True, batch_size=hyp['opt']['batch_size'],
+                                   aug=hyp['aug'], device=args.device)
+        test_loader = CifarLoader(args.data_dir, train=False, batch_size=2000, device=args.device)
+    except AirbenchError as e:
+        sys.exit(f'{os.path.basename(__file__)}: error: {e}')
+
+    total_steps = math.ceil(args.epochs * len(train_loader))
+    train_flops, eval_flops = count_flops(total_steps, train_loader.batch_size, len(test_loader.images), args.tta_level)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little') >> 1
+    print(f'device {args.device}, dtype {str(args.dtype).removeprefix("torch.")}, {args.runs} run(s) of '
+          f'{args.epochs} epochs ({total_steps} steps), first seed {seed}')
+    print(f'{count_parameters(make_net()):,} parameters; {(train_flops + eval_flops) / 1e15:.3f} PFLOPs per run '
+          f'(training {train_flops / 1e15:.3f} + TTA evaluation {eval_flops / 1e15:.4f})')
+    with open(__file__) as f:
+        source = f.read()
+    log = {'run_id': run_id, 'argv': sys.argv, 'source': source, 'hyp': hyp,
+           'device': str(args.device), 'dtype': str(args.dtype), 'torch': torch.__version__,
+           'epochs': args.epochs, 'tta_level': args.tta_level, 'flops': train_flops + eval_flops, 'runs': []}
+
+    runs = log['runs']
+    try:
+        if args.device.type == 'cuda':  # warm-up: cudnn autotuning and lazy init stay out of the timings
+            train(train_loader, test_loader, dtype=args.dtype, epochs=args.epochs)
+        print_row(COLUMNS)
+        for i in range(args.runs):
+            runs.append(run_training(args, train_loader, test_loader, seed + i, label=i + 1))
+            if not args.no_log:
+                save_log(log, log_path)
+    except AirbenchError as e:
+        sys.exit(f'{os.path.basename(__file__)}: error: {e}')
+    except KeyboardInterrupt:
+        print(f'\ninterrupted after {len(runs)} complete run(s)', file=sys.stderr)
+
+    if runs:
+        accs = torch.tensor([r['tta_val_acc'] for r in runs]) * 100
+        times = torch.tensor([r['seconds'] for r in runs])
+        std = f'{accs.std().item():.2f}' if len(runs) > 1 else 'n/a'
+        print(f'TTA accuracy per run: {", ".join(f"{a:.2f}" for a in accs.tolist())}')
+        print(f'mean {accs.mean().item():.2f} ± {std} % over {len(runs)} run(s); '
+              f'{times.mean().item():.2f} s per run; {log["flops"] / times.mean().item() / 1e12:.3f} TFLOP/s')
+        if not args.no_log:
+            print(f'log: {log_path}')
+    if len(runs) < args.runs:
+        sys.exit(130)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,172 @@
+"""ablations/: main0 ... main8 each add exactly one feature to the script before (SPEC.md,
+"Ablation series"), and train_resnet18.py is the classic baseline they are measured against."""
+import ast
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ABLATIONS, REPO, SERIES, load_script
+
+FEATURES = [feature for _, feature, _ in SERIES[1:]]
+# The hyperparameters each feature brings with it; every other knob is shared by the whole series.
+KNOBS = {'whiten': set(), 'dirac': set(), 'scalebias': {('opt', 'bias_scaler')},
+         'freeze': {('opt', 'whiten_bias_epochs')},
+         'lookahead': {('opt', 'lookahead_every'), ('opt', 'lookahead_decay')},
+         'tta': {('net', 'tta_level')}, 'mirror': {('aug', 'flip')},  # flip: same value, new comment
+         'compile': set()}
+NEIGHBOURS = [(SERIES[k], SERIES[k + 1]) for k in range(len(SERIES) - 1)]
+
+
+@pytest.fixture(params=ABLATIONS, scope='session')
+def script(request):
+    return load_script(request.param)
+
+
+def flatten(hyp):
+    return {(section, key): value for section, knobs in hyp.items() for key, value in knobs.items()}
+
+
+def tiny_loaders(script, data_dir):
+    train = script.CifarLoader(data_dir, train=True, batch_size=64, aug=script.hyp['aug'], device='cpu')
+    return train, script.CifarLoader(data_dir, train=False, batch_size=64, device='cpu')
+
+
+def test_trains_a_few_steps_on_a_small_subset_and_evaluates(script, tiny_data_dir):
+    net, rows = briefly_trained(script, tiny_data_dir)
+    assert [row['epoch'] for row in rows] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(row['train_loss'])) for row in rows)
+    assert rows[-1]['train_loss'] < rows[0]['train_loss']
+    assert 0 <= rows[-1]['val_acc'] <= 1
+
+
+@pytest.mark.parametrize('before, after', NEIGHBOURS, ids=[b[0].split('/')[1] for b, _ in NEIGHBOURS])
+def test_neighbours_differ_by_one_feature_and_the_epoch_count(before, after):
+    (name0, _, _), (name1, feature, epochs) = before, after
+    script0, script1 = load_script(name0), load_script(name1)
+    assert script1.features == script0.features + (feature,)
+    hyp0, hyp1 = flatten(script0.hyp), flatten(script1.hyp)
+    changed = {key for key in hyp0.keys() | hyp1.keys() if hyp0.get(key) != hyp1.get(key)}
+    assert changed <= {('opt', 'epochs')} | KNOBS[feature]
+    assert script1.hyp['opt']['epochs'] == epochs
+
+
+def test_the_series_starts_from_nothing_and_ends_at_airbench94():
+    assert load_script(SERIES[0][0]).features == ()
+    assert load_script(SERIES[-1][0]).features == tuple(FEATURES)
+
+
+@pytest.mark.parametrize('name, family_script', [('ablations/main7_mirror', 'airbench94'),
+                                                  ('ablations/main8_compile', 'airbench94_compiled')])
+def test_the_last_steps_equal_the_family_scripts_in_method(name, family_script):
+    """Same hyperparameters and the same code, function for function and class for class."""
+    assert load_script(name).hyp == load_script(family_script).hyp
+    assert definitions(f'{name}.py') == definitions(f'{family_script}.py')
+
+
+def definitions(path):
+    """{name: source} of a file's top-level functions and classes."""
+    source = (REPO / path).read_text()
+    return {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+# Each feature, detected from behaviour where it can be: probe(script, data_dir) -> bool.
+def first_conv(net):
+    return next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+
+
+TRAINED = {}  # script name -> (net, per-epoch rows): a narrow net trained for 4 epochs on the tiny data
+
+
+def briefly_trained(script, data_dir):
+    """Trained once per script and shared by the tests (each training takes seconds)."""
+    if script.__name__ not in TRAINED:
+        rows = []
+        net = script.train(*tiny_loaders(script, data_dir), report=rows.append, dtype=torch.float32, epochs=4, seed=0)
+        TRAINED[script.__name__] = net, rows
+    return TRAINED[script.__name__]
+
+
+def has_whitening(script, data_dir):
+    if first_conv(script.make_net()).weight.shape != (24, 3, 2, 2):
+        return False
+    net, _ = briefly_trained(script, data_dir)
+    train = tiny_loaders(script, data_dir)[0]
+    reference = nn.Conv2d(3, 24, kernel_size=2)
+    load_script('airbench94').init_whitening_conv(reference, train.normalize(train.images[:5000]))
+    return torch.allclose(first_conv(net).weight, reference.weight)  # set from the data, never trained
+
+
+def has_partial_identity_init(script, data_dir):
+    convs = [m for m in script.make_net().modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    identity = [torch.nn.init.dirac_(torch.empty(c.in_channels, c.in_channels, 3, 3)) for c in convs]
+    return all(torch.equal(c.weight[:c.in_channels], i) for c, i in zip(convs, identity))
+
+
+def has_scaled_batchnorm_bias_lr(script, data_dir):
+    optimizer = script.make_optimizer(script.make_net(), script.hyp['opt'], batch_size=1024)
+    lrs = sorted(group['lr'] for group in optimizer.param_groups)
+    return len(lrs) == 2 and lrs[1] / lrs[0] == pytest.approx(64)
+
+
+def has_whitening_bias_freeze(script, data_dir):
+    bias = first_conv(briefly_trained(script, data_dir)[0]).bias  # 4 epochs: past the 3 that train it
+    return bias is not None and not bias.requires_grad
+
+
+def has_lookahead(script, data_dir):
+    return hasattr(script, 'LookaheadState') and 'lookahead_every' in script.hyp['opt']
+
+
+def has_multicrop_tta(script, data_dir):
+    net, (_, test) = script.make_net(), tiny_loaders(script, data_dir)
+    try:
+        script.infer(net, test, tta_level=2)
+    except script.AirbenchError:
+        return False
+    return script.hyp['net']['tta_level'] == 2
+
+
+def has_alternating_flip(script, data_dir):
+    """Across two consecutive epochs every image is seen once in each orientation (random flip:
+    the chance that 256 images do so is 2**-256)."""
+    loader = script.CifarLoader(data_dir, train=False, batch_size=256, device='cpu', aug=dict(flip=True))
+    plain = loader.normalize(loader.images)
+    flipped = [(images == plain.flip(-1)).flatten(1).all(1) for images, _ in (next(iter(loader)), next(iter(loader)))]
+    return torch.equal(flipped[1], ~flipped[0])
+
+
+def is_compiled(script, data_dir):
+    return hasattr(script, 'compile_net')
+
+
+PROBES = {'whiten': has_whitening, 'dirac': has_partial_identity_init, 'scalebias': has_scaled_batchnorm_bias_lr,
+          'freeze': has_whitening_bias_freeze, 'lookahead': has_lookahead, 'tta': has_multicrop_tta,
+          'mirror': has_alternating_flip, 'compile': is_compiled}
+
+
+@pytest.mark.parametrize('feature', FEATURES)
+def test_each_script_has_exactly_its_declared_features(script, feature, tiny_data_dir):
+    declared = getattr(script, 'features', ())  # train_resnet18 has none of them
+    assert PROBES[feature](script, tiny_data_dir) == (feature in declared)
+
+
+@pytest.mark.full_size
+def test_resnet18_baseline_size_matches_the_published_one():
+    resnet18 = load_script('ablations/train_resnet18')
+    assert resnet18.count_parameters(resnet18.make_net()) == 11_173_962  # the standard CIFAR ResNet-18
+    steps = -(-resnet18.hyp['opt']['epochs'] * (50_000 // resnet18.hyp['opt']['batch_size']) // 1)
+    train_flops, eval_flops = resnet18.count_flops(steps, resnet18.hyp['opt']['batch_size'], 10_000, tta_level=1)
+    assert (train_flops + eval_flops) / 1e15 == pytest.approx(4.35, rel=0.02)  # SPEC: 4.35 PFLOPs, 26 epochs
+
+
+@pytest.mark.full_size
+@pytest.mark.parametrize('name, feature, epochs', SERIES, ids=[name.split('/')[1] for name, _, _ in SERIES])
+def test_series_flops_are_counted_near_the_published_ones(name, feature, epochs):
+    """SPEC's table gives PFLOPs to two digits; the scripts count them (training + TTA evaluation)."""
+    published = {35: 1.26, 21: 0.76, 18: 0.65, 13.5: 0.49, 12: 0.42, 10.8: 0.39, 9.9: 0.36}[epochs]
+    script = load_script(name)
+    steps = -(-epochs * 48 // 1)
+    train_flops, eval_flops = script.count_flops(int(steps), 1024, 10_000, script.hyp['net']['tta_level'])
+    assert (train_flops + eval_flops) / 1e15 == pytest.approx(published, rel=0.04)
