@@ -430,7 +430,7 @@ class LookaheadState:
                 v.copy_(self.ema[k])
 
 
-def train(train_loader=None, test_loader=None, *, dtype=None, report=None, **overrides):
+def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_epoch_start=None, **overrides):
     """Train a fresh network and return it (set to its lookahead weights).
 
     train_loader: a training CifarLoader (default: the data dir's training set with hyp['aug']).
@@ -438,6 +438,8 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, **ove
     dtype:        compute precision (default: choose_device_and_dtype's choice for the device).
     report:       called after each epoch with a dict: epoch, train_loss, train_acc, val_acc,
                   seconds (cumulative training time, GPU-synchronized, evaluation excluded).
+    on_epoch_start: called as on_epoch_start(epoch, net, optimizer, opt) before each epoch (0-based);
+                  it may change `opt` (read at every step) or the optimizer: the hook for experiments.
     overrides:    any key of hyp['opt'], e.g. epochs=8, lr=10.0, label_smoothing=0, seed=0.
     """
     unknown = set(overrides) - set(hyp['opt'])
@@ -469,6 +471,8 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, **ove
     lookahead = LookaheadState(net)
     for epoch in range(math.ceil(opt['epochs'])):
         net.whiten.bias.requires_grad = epoch < opt['whiten_bias_epochs']
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, net, optimizer, opt)
         loss_sum = correct = seen = 0
         net.train()
         for inputs, labels in train_loader:

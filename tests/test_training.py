@@ -203,3 +203,21 @@ def test_flops_are_counted_not_typed_in(script, expected):
     # A training step is a forward and a backward: about 3x the forward (less the input-gradient of
     # the frozen first layer).
     assert 2.8 < train_flops / (total_steps * 1024 * forward_per_image) < 3.0
+
+
+def test_on_epoch_start_hook_sees_every_epoch_and_can_change_the_options(script, loaders, monkeypatch):
+    """The experiments' hook: called before each epoch; what it writes into `opt` is used from then on."""
+    train, _ = loaders  # 4 steps per epoch
+    smoothing_used = []
+    cross_entropy = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, 'cross_entropy',
+                        lambda *a, **k: smoothing_used.append(k['label_smoothing']) or cross_entropy(*a, **k))
+    epochs_seen = []
+
+    def anneal(epoch, net, optimizer, opt):
+        epochs_seen.append(epoch)
+        opt['label_smoothing'] = 0.1 * epoch
+
+    script.train(train, dtype=torch.float32, epochs=3, seed=0, on_epoch_start=anneal)
+    assert epochs_seen == [0, 1, 2]
+    assert smoothing_used == pytest.approx([0.0] * 4 + [0.1] * 4 + [0.2] * 4)
