@@ -1,0 +1,160 @@
+"""What every study shares: its command line, n seeded trainings per arm with airbench94's pieces,
+and the logs (logs/<experiment>/<timestamp>/log.pt and log.txt, rewritten after every run, so an
+interrupted study keeps every finished run).
+
+A study defines its arms as a dict {arm name: function(seed) -> run record} (see `train_run`) and
+calls `run_study`; the first arm is the baseline the others are tested against (Welch's t-test).
+"""
+import argparse
+import datetime
+import os
+import pathlib
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import airbench94  # noqa: E402  (the repository root is on the path only now)
+from stats import summarize, welch  # noqa: E402
+
+
+def parse_args(description, argv=None, epochs=airbench94.hyp['opt']['epochs'], runs_on_cpu=2, extra=None):
+    """The flags every study takes (--runs, --epochs, --data-dir, --seed, --device), plus the
+    study's own from `extra(parser)`. Bad values exit with a message, no traceback."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--runs', type=int, default=None,
+                        help=f'trainings per arm (default: 10 on a GPU, {runs_on_cpu} on a CPU)')
+    parser.add_argument('--epochs', type=float, default=epochs, help='training length of every arm')
+    parser.add_argument('--data-dir', default=airbench94.default_data_dir(), help='directory with train.pt/test.pt')
+    parser.add_argument('--seed', type=int, default=0, help='run i of every arm uses seed + i (paired arms)')
+    parser.add_argument('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best available)')
+    parser.add_argument('--logs', default='logs', help='logs go to LOGS/<experiment>/<timestamp>/')
+    if extra is not None:
+        extra(parser)
+    args = parser.parse_args(argv)
+    if args.runs is not None and args.runs < 1:
+        parser.error(f'--runs must be at least 1, got {args.runs}')
+    if not 0 < args.epochs < float('inf'):
+        parser.error(f'--epochs must be a positive number, got {args.epochs}')
+    try:
+        args.device, args.dtype = airbench94.choose_device_and_dtype(args.device)
+    except airbench94.AirbenchError as e:
+        parser.error(str(e))
+    if args.runs is None:
+        args.runs = 10 if args.device.type == 'cuda' else runs_on_cpu
+    return args
+
+
+def loaders(args, loader_class=airbench94.CifarLoader, aug=None):
+    """(training loader, test loader) on the study's device; training uses airbench94's augmentation
+    unless `aug` is given."""
+    aug = airbench94.hyp['aug'] if aug is None else aug
+    try:
+        train = loader_class(args.data_dir, train=True, batch_size=airbench94.hyp['opt']['batch_size'], aug=aug,
+                             device=args.device)
+        return train, airbench94.CifarLoader(args.data_dir, train=False, batch_size=2000, device=args.device)
+    except airbench94.AirbenchError as e:
+        sys.exit(f'{pathlib.Path(sys.argv[0]).name}: error: {e}')
+
+
+def train_run(args, train_loader, test_loader, seed, epoch_fields=None, **overrides):
+    """One airbench94 training and its TTA evaluation, as a run record: seed, tta_val_acc, seconds,
+    predictions (test-set argmax, for per-example statistics) and per-epoch rows (train_loss,
+    train_acc, val_acc, tta_val_acc (final epoch only: 6 views cost an epoch's worth of time on a
+    CPU), seconds, and whatever `epoch_fields(epoch, net, optimizer, opt)` returns: it runs at the
+    start of each epoch, as train()'s on_epoch_start hook, and may change the training)."""
+    rows, fields = [], {}
+
+    def on_epoch_start(epoch, net, optimizer, opt):
+        fields.clear()
+        fields.update(epoch_fields(epoch, net, optimizer, opt) if epoch_fields else {})
+
+    def report(row):
+        rows.append({**row, 'tta_val_acc': None, **fields})
+
+    overrides = {'epochs': args.epochs, **overrides}
+    net = airbench94.train(train_loader, test_loader, dtype=args.dtype, report=report,
+                           on_epoch_start=on_epoch_start, seed=seed, **overrides)
+    airbench94.synchronize(args.device)
+    start = time.perf_counter()
+    logits = airbench94.infer(net, test_loader)
+    airbench94.synchronize(args.device)
+    predictions = logits.argmax(1)
+    rows[-1]['tta_val_acc'] = (predictions == test_loader.labels).float().mean().item()
+    rows[-1]['seconds'] += time.perf_counter() - start
+    return {'seed': seed, 'tta_val_acc': rows[-1]['tta_val_acc'], 'seconds': rows[-1]['seconds'],
+            'predictions': predictions.cpu(), 'epochs': rows}
+
+
+def summary_table(arms, baselines=None):
+    """Text: one line per arm (n, mean, std, 95% interval of TTA accuracy in %) and Welch's test of
+    each arm against its baseline: baselines[arm], by default the first arm."""
+    first = next(iter(arms), None)
+    baselines = baselines or {arm: first for arm in arms if arm != first}
+    lines = [f"{'arm':<36} {'n':>3} {'mean %':>8} {'std':>6} {'95% interval':>17}  vs its baseline (Welch)"]
+    for name, runs in arms.items():
+        accs = [100 * r['tta_val_acc'] for r in runs]
+        if not accs:
+            continue
+        s = summarize(accs)
+        versus = ''
+        if name in baselines and arms[baselines[name]]:
+            test = welch(accs, [100 * r['tta_val_acc'] for r in arms[baselines[name]]])
+            versus = f"{test['difference']:+.2f} pts, p = {test['p']:.3f} (vs {baselines[name]})"
+        lines.append(f"{name:<36} {s['n']:>3} {s['mean']:>8.2f} {s['std']:>6.2f} "
+                     f"{s['ci95'][0]:>8.2f}-{s['ci95'][1]:<8.2f}  {versus}")
+    return '\n'.join(lines)
+
+
+def write_log(log, directory, text):
+    """log.pt (everything) and log.txt (readable), each replaced atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(log, directory / 'log.pt.tmp')
+    os.replace(directory / 'log.pt.tmp', directory / 'log.pt')
+    (directory / 'log.txt.tmp').write_text(text)
+    os.replace(directory / 'log.txt.tmp', directory / 'log.txt')
+
+
+def log_text(log, extra_summary=''):
+    lines = [f"{log['experiment']}: {log['question']}", f"config: {log['config']}", '']
+    for arm, runs in log['arms'].items():
+        for run in runs:
+            lines.append(f"[{arm}] seed {run['seed']}: TTA accuracy {100 * run['tta_val_acc']:.2f}%, {run['seconds']:.1f} s")
+            for row in run['epochs']:
+                lines.append('    ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+    return '\n'.join(lines + ['', summary_table(log['arms'], log['baselines']), extra_summary, ''])
+
+
+def run_study(name, question, args, arms, summarize_extra=None, baselines=None):
+    """Run every arm args.runs times (run i of each arm with seed args.seed + i, arms interleaved so
+    that an interrupted study stays balanced), log after every run, print the summary and return
+    the log. `summarize_extra(log) -> text` adds the study's own statistics; `baselines` maps an
+    arm to the arm it is tested against (default: every arm against the first)."""
+    airbench94.tune_process_for(args.device)
+    stamp = datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')
+    directory = pathlib.Path(args.logs) / name / stamp
+    config = {k: str(v) if isinstance(v, (torch.device, torch.dtype)) else v for k, v in vars(args).items()}
+    log = {'experiment': name, 'question': question, 'config': config, 'torch': torch.__version__,
+           'arms': {arm: [] for arm in arms}, 'baselines': baselines}
+    print(f'{name}: {question}\n{args.runs} run(s) per arm on {args.device} ({str(args.dtype).removeprefix("torch.")}); '
+          f'logs in {directory}', flush=True)
+    try:
+        for i in range(args.runs):
+            for arm, run in arms.items():
+                record = run(args.seed + i)
+                log['arms'][arm].append(record)
+                print(f'[{arm}] run {i + 1}/{args.runs}, seed {record["seed"]}: TTA accuracy '
+                      f'{100 * record["tta_val_acc"]:.2f}%, {record["seconds"]:.1f} s', flush=True)
+                extra = summarize_extra(log) if summarize_extra else ''
+                write_log(log, directory, log_text(log, extra))
+    except airbench94.AirbenchError as e:
+        sys.exit(f'{name}: error: {e}')
+    except KeyboardInterrupt:
+        print('\ninterrupted: the log keeps every finished run', file=sys.stderr)
+    log['summary'] = summary_table(log['arms'], baselines)
+    extra = summarize_extra(log) if summarize_extra else ''
+    if any(log['arms'].values()):
+        write_log(log, directory, log_text(log, extra))
+    print('\n' + log['summary'] + ('\n' + extra if extra else ''))
+    return log

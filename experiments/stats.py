@@ -1,0 +1,79 @@
+"""The statistics every study uses: a summary of one arm (mean, std, 95% interval) and Welch's
+t-test between two arms. Plain Python (math only): the experiments need nothing beyond torch."""
+import math
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def std(values):
+    """Sample standard deviation (n - 1 in the denominator); nan for fewer than two values."""
+    if len(values) < 2:
+        return math.nan
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def _incomplete_beta(x, a, b):
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0 or x >= 1:
+        return min(max(x, 0.0), 1.0)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point: use symmetry
+        return 1 - _incomplete_beta(1 - x, b, a)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x)) / a
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            numerator = 1.0
+        elif i % 2 == 0:
+            numerator = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            numerator = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 + numerator * d
+        d = 1 / (d if abs(d) > tiny else tiny)
+        c = 1 + numerator / (c if abs(c) > tiny else tiny)
+        f *= c * d
+        if abs(1 - c * d) < 1e-15:
+            break
+    return front * (f - 1)
+
+
+def t_cdf(t, df):
+    """P(T <= t) for Student's t distribution with df degrees of freedom (df may be fractional)."""
+    tail = 0.5 * _incomplete_beta(df / (df + t * t), df / 2, 0.5)
+    return 1 - tail if t > 0 else tail
+
+
+def t_quantile(p, df):
+    """The t with P(T <= t) = p, by bisection (the CDF is monotone)."""
+    lo, hi = -1e6, 1e6
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def summarize(values):
+    """{'n', 'mean', 'std', 'ci95': (low, high)}: the 95% interval of the mean, from Student's t
+    (nan where n < 2: one run says nothing about the spread)."""
+    n, m, s = len(values), mean(values), std(values)
+    half = t_quantile(0.975, n - 1) * s / math.sqrt(n) if n >= 2 else math.nan
+    return {'n': n, 'mean': m, 'std': s, 'ci95': (m - half, m + half)}
+
+
+def welch(a, b):
+    """Welch's t-test of mean(a) != mean(b) without assuming equal variances.
+    Returns {'difference': mean(a) - mean(b), 't', 'df', 'p'} (two-sided p; nan if either arm has
+    fewer than two values, or both have no spread)."""
+    difference = mean(a) - mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return {'difference': difference, 't': math.nan, 'df': math.nan, 'p': math.nan}
+    va, vb = std(a) ** 2 / len(a), std(b) ** 2 / len(b)
+    if va + vb == 0:
+        return {'difference': difference, 't': math.nan, 'df': math.nan, 'p': math.nan}
+    t = difference / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return {'difference': difference, 't': t, 'df': df, 'p': 2 * t_cdf(-abs(t), df)}

@@ -1,0 +1,142 @@
+"""experiments/: the statistics helper against hand-computed values, each study's own arithmetic,
+and every study end to end on the tiny synthetic dataset (narrow networks, batches of 64)."""
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, SMALL_WIDTHS
+
+sys.path.insert(0, str(REPO / 'experiments'))
+import alt_translate, calibration, data_selection, dynamic_ls, flip_study, harness, stats, variance, whiten_unfreeze  # noqa: E402,E401
+
+STUDIES = {'flip_study': flip_study, 'variance': variance, 'calibration': calibration, 'data_selection': data_selection,
+           'alt_translate': alt_translate, 'dynamic_ls': dynamic_ls, 'whiten_unfreeze': whiten_unfreeze}
+
+
+# The statistics helper (values worked by hand; cross-checked once against scipy.stats).
+
+def test_summary_of_one_arm():
+    s = stats.summarize([1, 2, 3, 4])
+    assert (s['n'], s['mean']) == (4, 2.5)
+    assert s['std'] == pytest.approx(math.sqrt(5 / 3))  # squared deviations 2.25+0.25+0.25+2.25 = 5, over n-1 = 3
+    half = 3.182446 * math.sqrt(5 / 3) / 2  # t(0.975, df=3) = 3.182446
+    assert s['ci95'] == pytest.approx((2.5 - half, 2.5 + half), abs=1e-5)
+
+
+def test_one_run_has_no_spread_and_no_interval():
+    s = stats.summarize([94.0])
+    assert s['mean'] == 94.0 and math.isnan(s['std']) and all(math.isnan(x) for x in s['ci95'])
+    assert math.isnan(stats.welch([94.0], [93.0, 93.5])['p'])
+
+
+def test_welch_t_test():
+    # a: mean 2.5, var 5/3; b: mean 5, var 2.5. se^2 = 5/12 + 1/2 = 11/12.
+    result = stats.welch([1, 2, 3, 4], [3, 4, 5, 6, 7])
+    assert result['difference'] == -2.5
+    assert result['t'] == pytest.approx(-2.5 / math.sqrt(11 / 12))
+    assert result['df'] == pytest.approx((11 / 12) ** 2 / ((5 / 12) ** 2 / 3 + 0.5 ** 2 / 4))  # 6.9808
+    assert result['p'] == pytest.approx(0.034939, abs=1e-5)
+    assert stats.welch([1, 2, 3], [1, 2, 3])['p'] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize('t, df, cdf', [(0.0, 5, 0.5), (1.0, 1, 0.75), (2.0, 2, 0.5 + 1 / math.sqrt(6)), (-2.0, 2, 0.5 - 1 / math.sqrt(6))])
+def test_t_distribution_closed_forms(t, df, cdf):
+    # df=1 is the Cauchy distribution (atan); df=2 has CDF 1/2 + t / (2 sqrt(2 + t^2)).
+    assert stats.t_cdf(t, df) == pytest.approx(cdf, abs=1e-9)
+    assert stats.t_quantile(cdf, df) == pytest.approx(t, abs=1e-6)
+
+
+# Each study's own arithmetic.
+
+def test_variance_decomposition_by_hand():
+    correct = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    d = variance.variance_decomposition(correct)  # accuracies 1 and 0: variance 0.5; p = 1/2 everywhere
+    assert d['test_set_std'] == pytest.approx(100 * math.sqrt(0.5))
+    assert d['distribution_wise_std'] == pytest.approx(100 * math.sqrt(0.5 - 0.25 / 4))
+    correct = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    d = variance.variance_decomposition(correct)  # variance 1/48 < finite-test-set part (1/9)/4: clipped to 0
+    assert d['test_set_std'] == pytest.approx(100 * math.sqrt(1 / 48))
+    assert d['distribution_variance_estimate'] == pytest.approx(1e4 * (1 / 48 - 1 / 36))
+    assert d['distribution_wise_std'] == 0
+
+
+def test_class_aggregated_calibration_error_by_hand():
+    predictions = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])  # 2 networks, 4 examples
+    labels = torch.tensor([0, 0, 1, 0])
+    # class 0: bin 0 {2,3} 0.5*|0-0.5|, bin 1/2 {1} 0.25*|0.5-1|, bin 1 {0} 0; class 1 mirrors it: 0.375 each
+    assert calibration.class_aggregated_calibration_error(predictions, labels, classes=2) == pytest.approx(0.75)
+    assert calibration.class_aggregated_calibration_error(labels[None], labels, classes=2) == 0  # one perfect net
+
+
+def test_cyclic_translation_visits_every_offset_once_per_cycle():
+    offsets = alt_translate.offset_cycle(2)
+    assert sorted(offsets) == [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float).reshape(2, 3, 8, 8)
+    shifted = alt_translate.shift(images, 1, -2, r=2)
+    assert torch.equal(shifted[..., 1:6, 2:7], images[..., 2:7, 0:5])  # content moved up 1 and right 2
+
+
+def test_label_smoothing_anneals_linearly_over_the_epochs():
+    values = [dynamic_ls.label_smoothing_at(e, 9.9, 0.2, 0.0) for e in range(10)]
+    assert values[0] == 0.2 and values[-1] == 0.0
+    assert values == pytest.approx([0.2 - 0.2 * e / 9 for e in range(10)])
+
+
+# Every study end to end.
+
+@pytest.fixture
+def tiny_studies(monkeypatch):
+    monkeypatch.setitem(harness.airbench94.hyp['net'], 'widths', SMALL_WIDTHS)
+    monkeypatch.setitem(harness.airbench94.hyp['opt'], 'batch_size', 64)
+
+
+@pytest.mark.parametrize('name, extra', [
+    ('flip_study', ['--budgets', '1', '2']), ('variance', []), ('calibration', []),
+    ('data_selection', ['--first-epochs', '1']), ('alt_translate', []), ('dynamic_ls', []),
+    ('whiten_unfreeze', ['--unfreeze-epoch', '1']),
+])
+def test_study_runs_end_to_end_and_logs_everything(name, extra, tiny_studies, tiny_data_dir, tmp_path, capsys):
+    log = STUDIES[name].main(['--runs', '2', '--epochs', '2', '--seed', '0', '--device', 'cpu',
+                              '--data-dir', str(tiny_data_dir), '--logs', str(tmp_path), *extra])
+    [directory] = (tmp_path / name).iterdir()
+    saved = torch.load(directory / 'log.pt', weights_only=False)
+    assert saved['experiment'] == name and saved['config']['runs'] == 2
+    for arm, runs in saved['arms'].items():
+        assert [run['seed'] for run in runs] == [0, 1], arm
+        for run in runs:
+            assert {'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'seconds'} <= set(run['epochs'][-1])
+            assert run['epochs'][-1]['tta_val_acc'] == run['tta_val_acc']
+            assert 0 <= run['tta_val_acc'] <= 1 and run['predictions'].shape == (64,)
+    text = (directory / 'log.txt').read_text()
+    assert log['summary'] in text and log['summary'] in capsys.readouterr().out
+
+
+def test_studies_log_their_own_fields_per_epoch(tiny_studies, tiny_data_dir, tmp_path):
+    common = ['--runs', '1', '--epochs', '3', '--device', 'cpu', '--data-dir', str(tiny_data_dir), '--logs', str(tmp_path)]
+    arms = dynamic_ls.main(common + ['--final-ls', '0.1'])['arms']
+    assert [row['label_smoothing'] for row in arms['label smoothing 0.2 -> 0.1'][0]['epochs']] == pytest.approx([0.2, 0.15, 0.1])
+    assert [row['label_smoothing'] for row in arms['label smoothing 0.2 (airbench94)'][0]['epochs']] == [0.2] * 3
+    arms = whiten_unfreeze.main(common + ['--unfreeze-epoch', '2'])['arms']
+    assert [row['whiten_trainable'] for row in arms['unfrozen from epoch 2'][0]['epochs']] == [False, False, True]
+    arms = alt_translate.main(common)['arms']
+    assert [row['offset'] for row in arms['cyclic translate'][0]['epochs']] == alt_translate.offset_cycle(2)[:3]
+
+
+def test_unfrozen_whitening_weights_actually_train(tiny_studies, tiny_data_dir):
+    airbench94 = harness.airbench94
+    train = airbench94.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=airbench94.hyp['aug'], device='cpu')
+    net = airbench94.train(train, dtype=torch.float32, epochs=1, seed=0)
+    whitened = net.whiten.weight.clone()
+    net = airbench94.train(train, dtype=torch.float32, epochs=2, seed=0,
+                           on_epoch_start=whiten_unfreeze.unfreeze_whitening_from(1, lr_scale=1.0))
+    assert net.whiten.weight.requires_grad and not torch.allclose(net.whiten.weight, whitened)
+
+
+def test_bad_study_flags_exit_with_a_message(tiny_data_dir, capsys):
+    with pytest.raises(SystemExit):
+        flip_study.main(['--runs', '0', '--data-dir', str(tiny_data_dir)])
+    assert '--runs must be at least 1' in capsys.readouterr().err
+    with pytest.raises(SystemExit, match='--fraction must be in'):
+        data_selection.main(['--fraction', '1.5', '--data-dir', str(tiny_data_dir)])
