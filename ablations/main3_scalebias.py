@@ -7,7 +7,7 @@ The BatchNorm biases learn 64 times faster than the weights.
 
 One step of the series in ablations/README.md, from main0_network.py (a plain conv net, standard
 training) to main8_compile.py (airbench94_compiled.py): each script adds exactly one feature to
-the one before and trains for the fewest epochs at which it still reaches 94% (13.5 here).
+the one before and trains for the published fewest epochs at which it still reaches 94% (13.5 here).
 `diff ablations/main2_dirac.py ablations/main3_scalebias.py` shows the feature and nothing else.
 
 Importing this file does nothing but define things; its API is airbench94.py's (see README.md).
@@ -36,7 +36,7 @@ features = ('whiten', 'dirac', 'scalebias')
 
 hyp = {
     'opt': {
-        'epochs': 13.5,             # the fewest epochs at which this step of the series reaches 94%
+        'epochs': 13.5,             # published: the fewest epochs at which this step reaches 94%
         'batch_size': 1024,         # used when train() builds its own loader
         'lr': 11.5,                 # learning rate per 1024 examples (decoupled: see make_optimizer)
         'momentum': 0.85,           # Nesterov momentum

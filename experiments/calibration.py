@@ -39,13 +39,9 @@ def summary(log):
 def main(argv=None):
     args = harness.parse_args(__doc__.split('\n\n')[0], argv, runs_on_cpu=3)
     train, test = harness.loaders(args)
-
-    def with_labels(log):
-        log['test_labels'] = test.labels.cpu()
-        return summary(log)
-
     arms = {'airbench94': lambda seed: harness.train_run(args, train, test, seed)}
-    return harness.run_study('calibration', 'class-aggregated calibration error of the ensemble', args, arms, with_labels)
+    return harness.run_study('calibration', 'class-aggregated calibration error of the ensemble', args, arms, summary,
+                             test_labels=test.labels)
 
 
 if __name__ == '__main__':

@@ -126,17 +126,19 @@ def log_text(log, extra_summary=''):
     return '\n'.join(lines + ['', summary_table(log['arms'], log['baselines']), extra_summary, ''])
 
 
-def run_study(name, question, args, arms, summarize_extra=None, baselines=None):
+def run_study(name, question, args, arms, summarize_extra=None, baselines=None, test_labels=None):
     """Run every arm args.runs times (run i of each arm with seed args.seed + i, arms interleaved so
     that an interrupted study stays balanced), log after every run, print the summary and return
     the log. `summarize_extra(log) -> text` adds the study's own statistics; `baselines` maps an
-    arm to the arm it is tested against (default: every arm against the first)."""
+    arm to the arm it is tested against (default: every arm against the first); `test_labels`
+    are kept in the log for per-example statistics."""
     airbench94.tune_process_for(args.device)
     stamp = datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')
     directory = pathlib.Path(args.logs) / name / stamp
     config = {k: str(v) if isinstance(v, (torch.device, torch.dtype)) else v for k, v in vars(args).items()}
     log = {'experiment': name, 'question': question, 'config': config, 'torch': torch.__version__,
-           'arms': {arm: [] for arm in arms}, 'baselines': baselines}
+           'arms': {arm: [] for arm in arms}, 'baselines': baselines,
+           'test_labels': None if test_labels is None else test_labels.cpu()}
     print(f'{name}: {question}\n{args.runs} run(s) per arm on {args.device} ({str(args.dtype).removeprefix("torch.")}); '
           f'logs in {directory}', flush=True)
     try:
