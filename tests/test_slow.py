@@ -1,18 +1,57 @@
-"""Slow tier (`pytest -m slow`): full-length trainings on the real CIFAR-10."""
+"""Slow tier (`pytest -m slow`): airbench94 trained on the real CIFAR-10, as long as the machine allows.
+
+A full airbench94 run takes about 9 minutes on 2 CPU cores with bf16 instructions (AVX-512 BF16)
+and well over an hour on 2 cores without them (float32 on AVX2): more than CI's whole budget. So
+the test first times a few real training steps. If a full run fits in FULL_RUN_BUDGET_S it trains
+one and asks for 93.5% (published mean: 94.01%); otherwise it trains SHORT_EPOCHS epochs, same
+seed, and asks for SHORT_FLOOR, a floor set from runs measured here (see below). Either way the
+test prints which check it ran.
+"""
+import copy
+import time
+import warnings
+
 import pytest
 import torch
 
 from conftest import load_script
 
+FULL_RUN_BUDGET_S = 35 * 60  # CI's limit is 90 minutes in all; the fast tier takes up to ~20 of them
+FULL_FLOOR = 0.935
+SHORT_EPOCHS = 2
+# `python airbench94.py --epochs 2 --runs 2 --seed 0 --no-log` on 2 AVX2 cores (float32), 2026-11-23:
+# 85.07% and 85.49% TTA accuracy. The floor sits 2 points under the lower (other CPUs round differently).
+SHORT_FLOOR = 0.83
+
+
+def seconds_per_step(airbench94, train_loader, steps=3):
+    """Wall-clock seconds of one full-size training step here, from a short timed training."""
+    probe = copy.copy(train_loader)
+    n = steps * train_loader.batch_size
+    probe.images, probe.labels = train_loader.images[:n], train_loader.labels[:n]
+    airbench94.train(probe, epochs=1, seed=0)  # warm-up: first-call allocation and kernel choice
+    start = time.perf_counter()
+    airbench94.train(probe, epochs=1, seed=0)
+    return (time.perf_counter() - start) / steps
+
 
 @pytest.mark.slow
-def test_airbench94_full_run_reaches_93_5_percent(real_data_dir):
-    """One complete CPU run of airbench94 (about 10 minutes here). Published mean: 94.01%."""
+def test_airbench94_trains_to_its_accuracy_on_real_data(real_data_dir):
     airbench94 = load_script('airbench94')
     airbench94.tune_process_for(torch.device('cpu'))  # as main() does: keeps the CPU step fast
     train_loader = airbench94.CifarLoader(real_data_dir, train=True, batch_size=1024, aug=airbench94.hyp['aug'], device='cpu')
     test_loader = airbench94.CifarLoader(real_data_dir, train=False, device='cpu')
-    net = airbench94.train(train_loader, seed=0)
+    full_steps = -(-airbench94.hyp['opt']['epochs'] * len(train_loader) // 1)
+    projected = seconds_per_step(airbench94, train_loader) * full_steps * 1.1  # + 10% for TTA evaluation
+    if projected <= FULL_RUN_BUDGET_S:
+        epochs, floor = airbench94.hyp['opt']['epochs'], FULL_FLOOR
+    else:
+        epochs, floor = SHORT_EPOCHS, SHORT_FLOOR
+    net = airbench94.train(train_loader, seed=0, epochs=epochs)
     accuracy = airbench94.evaluate(net, test_loader, tta_level=2)
-    print(f'airbench94 full CPU run, seed 0: TTA accuracy {accuracy:.4f}')
-    assert accuracy >= 0.935
+    message = (f'airbench94, {epochs} epochs on the CPU (a full run would take ~{projected / 60:.0f} min here), '
+               f'seed 0: TTA accuracy {accuracy:.4f}, floor {floor}')
+    print(message)
+    if epochs == SHORT_EPOCHS:
+        warnings.warn('too slow a machine for a full run: ' + message)  # shown in pytest's summary
+    assert accuracy >= floor
