@@ -15,6 +15,12 @@ KNOBS = {'whiten': set(), 'dirac': set(), 'scalebias': {('opt', 'bias_scaler')},
          'lookahead': {('opt', 'lookahead_every'), ('opt', 'lookahead_decay')},
          'tta': {('net', 'tta_level')}, 'mirror': {('aug', 'flip')},  # flip: same value, new comment
          'compile': set()}
+# The top-level functions and classes each feature touches; every other definition stays identical.
+CODE = {'whiten': {'Net', 'make_net', 'get_patches', 'init_whitening_conv', 'train', 'count_flops'},
+        'dirac': {'Conv'}, 'scalebias': {'make_optimizer'}, 'freeze': {'train'},
+        'lookahead': {'LookaheadState', 'train'}, 'tta': {'tta_logits', 'infer', 'count_flops', 'parse_args'},
+        'mirror': {'alternating_flip_mask', 'CifarLoader', 'train'},
+        'compile': {'compile_problem', 'compile_net', 'train', 'warm_up', 'main'}}
 NEIGHBOURS = [(SERIES[k], SERIES[k + 1]) for k in range(len(SERIES) - 1)]
 
 
@@ -49,6 +55,8 @@ def test_neighbours_differ_by_one_feature_and_the_epoch_count(before, after):
     changed = {key for key in hyp0.keys() | hyp1.keys() if hyp0.get(key) != hyp1.get(key)}
     assert changed <= {('opt', 'epochs')} | KNOBS[feature]
     assert script1.hyp['opt']['epochs'] == epochs
+    code0, code1 = definitions(f'{name0}.py'), definitions(f'{name1}.py')
+    assert {name for name in code0.keys() | code1.keys() if code0.get(name) != code1.get(name)} == CODE[feature]
 
 
 def test_the_series_starts_from_nothing_and_ends_at_airbench94():
