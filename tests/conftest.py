@@ -34,6 +34,11 @@ ABLATIONS = [name for name, _, _ in SERIES] + ['ablations/train_resnet18']
 SMALL_WIDTHS = {'block1': 32, 'block2': 64, 'block3': 64}  # >= 24, the whitening conv's output
 
 
+def flatten(hyp):
+    """{(section, knob): value} of a script's hyp dict, so two scripts' knobs compare key by key."""
+    return {(section, key): value for section, knobs in hyp.items() for key, value in knobs.items()}
+
+
 def load_script(name):
     """Import a script by file path (so scripts in subfolders load the same way)."""
     path = REPO / f'{name}.py'

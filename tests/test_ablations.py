@@ -1,12 +1,13 @@
 """ablations/: main0 ... main8 each add exactly one feature to the script before (SPEC.md,
 "Ablation series"), and train_resnet18.py is the classic baseline they are measured against."""
 import ast
+import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ABLATIONS, REPO, SERIES, load_script
+from conftest import ABLATIONS, REPO, SERIES, flatten, load_script
 
 FEATURES = [feature for _, feature, _ in SERIES[1:]]
 # The hyperparameters each feature brings with it; every other knob is shared by the whole series.
@@ -27,10 +28,6 @@ NEIGHBOURS = [(SERIES[k], SERIES[k + 1]) for k in range(len(SERIES) - 1)]
 @pytest.fixture(params=ABLATIONS, scope='session')
 def script(request):
     return load_script(request.param)
-
-
-def flatten(hyp):
-    return {(section, key): value for section, knobs in hyp.items() for key, value in knobs.items()}
 
 
 def tiny_loaders(script, data_dir):
@@ -164,7 +161,7 @@ def test_each_script_has_exactly_its_declared_features(script, feature, tiny_dat
 def test_resnet18_baseline_size_matches_the_published_one():
     resnet18 = load_script('ablations/train_resnet18')
     assert resnet18.count_parameters(resnet18.make_net()) == 11_173_962  # the standard CIFAR ResNet-18
-    steps = -(-resnet18.hyp['opt']['epochs'] * (50_000 // resnet18.hyp['opt']['batch_size']) // 1)
+    steps = math.ceil(resnet18.hyp['opt']['epochs'] * (50_000 // resnet18.hyp['opt']['batch_size']))
     train_flops, eval_flops = resnet18.count_flops(steps, resnet18.hyp['opt']['batch_size'], 10_000, tta_level=1)
     assert (train_flops + eval_flops) / 1e15 == pytest.approx(4.35, rel=0.02)  # SPEC: 4.35 PFLOPs, 26 epochs
 
@@ -175,6 +172,5 @@ def test_series_flops_are_counted_near_the_published_ones(name, feature, epochs)
     """SPEC's table gives PFLOPs to two digits; the scripts count them (training + TTA evaluation)."""
     published = {35: 1.26, 21: 0.76, 18: 0.65, 13.5: 0.49, 12: 0.42, 10.8: 0.39, 9.9: 0.36}[epochs]
     script = load_script(name)
-    steps = -(-epochs * 48 // 1)
-    train_flops, eval_flops = script.count_flops(int(steps), 1024, 10_000, script.hyp['net']['tta_level'])
+    train_flops, eval_flops = script.count_flops(math.ceil(epochs * 48), 1024, 10_000, script.hyp['net']['tta_level'])
     assert (train_flops + eval_flops) / 1e15 == pytest.approx(published, rel=0.04)

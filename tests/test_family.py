@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import SMALL_WIDTHS, load_script
+from conftest import SMALL_WIDTHS, flatten, load_script
 
 # Every hyperparameter that a script changes relative to airbench94.py.
 DIFFERENCES = {
@@ -14,10 +14,6 @@ DIFFERENCES = {
                    ('aug', 'translate'): 4, ('aug', 'cutout'): 12, ('net', 'batchnorm_momentum'): 0.9,
                    ('net', 'widths'): {'block1': 128, 'block2': 384, 'block3': 512}},
 }
-
-
-def flatten(hyp):
-    return {(section, key): value for section, knobs in hyp.items() for key, value in knobs.items()}
 
 
 @pytest.mark.full_size
