@@ -516,17 +516,16 @@ def count_parameters(net):
 #############################################
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--runs', type=int, default=None,
                         help='trainings to run (default: 25 on a GPU, as published; 1 on a CPU)')
-    parser.add_argument('--epochs', type=float, default=hyp['opt']['epochs'], help='training length (may be fractional)')
+    parser.add_argument('--epochs', type=float, default=hyp['opt']['epochs'], help='training length (may be fractional) (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=None,
                         help='seed of the first run (run i uses seed+i); same seed, device and dtype, same result')
     parser.add_argument('--data-dir', default=default_data_dir(),
-                        help='directory with train.pt/test.pt (downloaded there if absent); env AIRBENCH_DATA')
+                        help='directory with train.pt/test.pt (downloaded there if absent; env AIRBENCH_DATA) (default: %(default)s)')
     parser.add_argument('--tta-level', type=int, default=hyp['net']['tta_level'], choices=(0, 1),
-                        help='test-time augmentation: 0 one view, 1 +mirror')
+                        help='test-time augmentation: 0 one view, 1 +mirror (default: %(default)s)')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best available)')
     parser.add_argument('--dtype', default=None, choices=tuple(DTYPES),
                         help='compute precision (default: float16 on CUDA, bfloat16 on bf16-capable CPUs)')

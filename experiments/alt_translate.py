@@ -44,7 +44,7 @@ class CyclicTranslateLoader(airbench94.CifarLoader):
 
 
 def main(argv=None):
-    args = harness.parse_args(__doc__.split('\n\n')[0], argv)
+    args = harness.parse_args(__doc__.split('\n\n')[0], argv, baseline_is_airbench94=True)
     baseline, test = harness.loaders(args)
     radius = airbench94.hyp['aug']['translate']
     cyclic, _ = harness.loaders(args, loader_class=CyclicTranslateLoader,

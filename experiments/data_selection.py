@@ -33,9 +33,9 @@ def least_confident(args, train, seed):
 
 def main(argv=None):
     def extra(parser):
-        parser.add_argument('--fraction', type=float, default=0.6, help='share of the training set each arm trains on')
+        parser.add_argument('--fraction', type=float, default=0.6, help='share of the training set each arm trains on (default: %(default)s)')
         parser.add_argument('--first-epochs', type=float, default=airbench94.hyp['opt']['epochs'],
-                            help='training length of the first (ranking) network')
+                            help='training length of the first (ranking) network (default: %(default)s)')
     args = harness.parse_args(__doc__.split('\n\n')[0], argv, epochs=16, extra=extra)
     if not 0 < args.fraction <= 1:
         raise SystemExit(f'data_selection.py: error: --fraction must be in (0, 1], got {args.fraction}')

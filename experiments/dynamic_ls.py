@@ -19,8 +19,8 @@ def label_smoothing_at(epoch, epochs, start, final):
 
 
 def main(argv=None):
-    args = harness.parse_args(__doc__.split('\n\n')[0], argv, extra=lambda p: p.add_argument(
-        '--final-ls', type=float, default=0.0, help='label smoothing in the last epoch'))
+    args = harness.parse_args(__doc__.split('\n\n')[0], argv, baseline_is_airbench94=True, extra=lambda p: p.add_argument(
+        '--final-ls', type=float, default=0.0, help='label smoothing in the last epoch (default: %(default)s)'))
     if not 0 <= args.final_ls < 1:
         raise SystemExit(f'dynamic_ls.py: error: --final-ls must be in [0, 1), got {args.final_ls}')
     train, test = harness.loaders(args)

@@ -1,6 +1,6 @@
 """flip_study.py: does alternating flip beat random flip at equal epochs?
 
-    python experiments/flip_study.py --runs 2 --epochs 4 9.9 --data-dir cifar10
+    python experiments/flip_study.py --runs 2 --budgets 4 9.9 --data-dir cifar10
 
 Two arms per epoch budget: airbench94 unchanged (alternating flip), and airbench94 with the flip
 redrawn at random every epoch. Published (SPEC.md): 94.01% vs 93.92% at 9.9 epochs, n large.

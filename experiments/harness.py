@@ -4,6 +4,8 @@ interrupted study keeps every finished run).
 
 A study defines its arms as a dict {arm name: function(seed) -> run record} (see `train_run`) and
 calls `run_study`; the first arm is the baseline the others are tested against (Welch's t-test).
+Where that baseline is airbench94 unchanged, `--baseline-from` takes its runs from an earlier
+study's log instead of training them again.
 """
 import argparse
 import datetime
@@ -19,17 +21,23 @@ import airbench94  # noqa: E402  (the repository root is on the path only now)
 from stats import summarize, welch  # noqa: E402
 
 
-def parse_args(description, argv=None, epochs=airbench94.hyp['opt']['epochs'], runs_on_cpu=2, extra=None):
-    """The flags every study takes (--runs, --epochs, --data-dir, --seed, --device), plus the
-    study's own from `extra(parser)`. Bad values exit with a message, no traceback."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(description, argv=None, epochs=airbench94.hyp['opt']['epochs'], runs_on_cpu=2, extra=None,
+               baseline_is_airbench94=False):
+    """The flags every study takes (--runs, --epochs, --data-dir, --seed, --device), --baseline-from
+    where the study's baseline arm is airbench94 unchanged, plus the study's own from
+    `extra(parser)`. Bad values exit with a message, no traceback."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--runs', type=int, default=None,
                         help=f'trainings per arm (default: 10 on a GPU, {runs_on_cpu} on a CPU)')
-    parser.add_argument('--epochs', type=float, default=epochs, help='training length of every arm')
-    parser.add_argument('--data-dir', default=airbench94.default_data_dir(), help='directory with train.pt/test.pt')
-    parser.add_argument('--seed', type=int, default=0, help='run i of every arm uses seed + i (paired arms)')
+    parser.add_argument('--epochs', type=float, default=epochs, help='training length of every arm (default: %(default)s)')
+    parser.add_argument('--data-dir', default=airbench94.default_data_dir(), help='directory with train.pt/test.pt (default: %(default)s)')
+    parser.add_argument('--seed', type=int, default=0, help='run i of every arm uses seed + i (paired arms) (default: %(default)s)')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best available)')
-    parser.add_argument('--logs', default='logs', help='logs go to LOGS/<experiment>/<timestamp>/')
+    parser.add_argument('--logs', default='logs', help='logs go to LOGS/<experiment>/<timestamp>/ (default: %(default)s)')
+    if baseline_is_airbench94:
+        parser.add_argument('--baseline-from', default=None, metavar='LOG_DIR',
+                            help="reuse an earlier study's unchanged-airbench94 runs (same epochs, seeds, data, device, "
+                                 "dtype) as this study's baseline instead of training them again")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
@@ -84,7 +92,7 @@ def train_run(args, train_loader, test_loader, seed, epoch_fields=None, **overri
     rows[-1]['tta_val_acc'] = (predictions == test_loader.labels).float().mean().item()
     rows[-1]['seconds'] += time.perf_counter() - start
     return {'seed': seed, 'tta_val_acc': rows[-1]['tta_val_acc'], 'seconds': rows[-1]['seconds'],
-            'predictions': predictions.cpu(), 'epochs': rows}
+            'predictions': predictions.cpu(), 'epochs': rows, 'train_epochs': overrides['epochs']}
 
 
 def summary_table(arms, baselines=None):
@@ -126,6 +134,27 @@ def log_text(log, extra_summary=''):
     return '\n'.join(lines + ['', summary_table(log['arms'], log['baselines']), extra_summary, ''])
 
 
+def config_of(args):
+    return {k: str(v) if isinstance(v, (torch.device, torch.dtype)) else v for k, v in vars(args).items()}
+
+
+def earlier_baseline_runs(args, name):
+    """{seed: run record} of the unchanged-airbench94 runs (the baseline arms) in the log at
+    args.baseline_from that were trained as this study's baseline would be: same epochs, data,
+    device and dtype. On a CPU training is deterministic, so these are exactly the runs this study
+    would train; elsewhere, runs of the same recipe."""
+    path = pathlib.Path(args.baseline_from)
+    try:
+        log = torch.load(path / 'log.pt' if path.is_dir() else path, weights_only=False)
+        arms = set((log['baselines'] or {}).values()) or {next(iter(log['arms']))}
+    except Exception as e:  # a missing, unreadable or foreign file: say which, no traceback
+        sys.exit(f'{name}: error: --baseline-from {path}: not a study log ({type(e).__name__}: {e})')
+    ours = config_of(args)
+    if any(log['config'].get(key) != ours[key] for key in ('data_dir', 'device', 'dtype')):
+        sys.exit(f'{name}: error: --baseline-from {path}: trained on other data, device or dtype')
+    return {run['seed']: run for arm in arms for run in log['arms'][arm] if run.get('train_epochs') == args.epochs}
+
+
 def run_study(name, question, args, arms, summarize_extra=None, baselines=None, test_labels=None):
     """Run every arm args.runs times (run i of each arm with seed args.seed + i, arms interleaved so
     that an interrupted study stays balanced), log after every run, print the summary and return
@@ -135,7 +164,9 @@ def run_study(name, question, args, arms, summarize_extra=None, baselines=None, 
     airbench94.tune_process_for(args.device)
     stamp = datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')
     directory = pathlib.Path(args.logs) / name / stamp
-    config = {k: str(v) if isinstance(v, (torch.device, torch.dtype)) else v for k, v in vars(args).items()}
+    config = config_of(args)
+    reused = earlier_baseline_runs(args, name) if getattr(args, 'baseline_from', None) else {}
+    baseline_arm = next(iter(arms))
     log = {'experiment': name, 'question': question, 'config': config, 'torch': torch.__version__,
            'arms': {arm: [] for arm in arms}, 'baselines': baselines,
            'test_labels': None if test_labels is None else test_labels.cpu()}
@@ -144,10 +175,12 @@ def run_study(name, question, args, arms, summarize_extra=None, baselines=None, 
     try:
         for i in range(args.runs):
             for arm, run in arms.items():
-                record = run(args.seed + i)
+                earlier = reused.get(args.seed + i) if arm == baseline_arm else None
+                record = {**earlier, 'reused_from': args.baseline_from} if earlier else run(args.seed + i)
                 log['arms'][arm].append(record)
                 print(f'[{arm}] run {i + 1}/{args.runs}, seed {record["seed"]}: TTA accuracy '
-                      f'{100 * record["tta_val_acc"]:.2f}%, {record["seconds"]:.1f} s', flush=True)
+                      f'{100 * record["tta_val_acc"]:.2f}%, {record["seconds"]:.1f} s'
+                      + (f' (reused from {args.baseline_from})' if earlier else ''), flush=True)
                 extra = summarize_extra(log) if summarize_extra else ''
                 write_log(log, directory, log_text(log, extra))
     except airbench94.AirbenchError as e:

@@ -26,9 +26,9 @@ def unfreeze_whitening_from(start_epoch, lr_scale):
 
 def main(argv=None):
     def extra(parser):
-        parser.add_argument('--unfreeze-epoch', type=int, default=5, help='first epoch (0-based) whose steps train the whitening weights')
-        parser.add_argument('--whiten-lr-scale', type=float, default=1.0, help="their lr, relative to the other weights'")
-    args = harness.parse_args(__doc__.split('\n\n')[0], argv, extra=extra)
+        parser.add_argument('--unfreeze-epoch', type=int, default=5, help='first epoch (0-based) whose steps train the whitening weights (default: %(default)s)')
+        parser.add_argument('--whiten-lr-scale', type=float, default=1.0, help="their lr, relative to the other weights' (default: %(default)s)")
+    args = harness.parse_args(__doc__.split('\n\n')[0], argv, baseline_is_airbench94=True, extra=extra)
     if args.unfreeze_epoch < 0 or not args.whiten_lr_scale > 0:
         raise SystemExit('whiten_unfreeze.py: error: --unfreeze-epoch must be >= 0 and --whiten-lr-scale > 0')
     train, test = harness.loaders(args)

@@ -124,6 +124,23 @@ def test_studies_log_their_own_fields_per_epoch(tiny_studies, tiny_data_dir, tmp
     assert [row['offset'] for row in arms['cyclic translate'][0]['epochs']] == alt_translate.offset_cycle(2)[:3]
 
 
+def test_baseline_runs_are_reused_only_when_trained_the_same_way(tiny_studies, tiny_data_dir, tmp_path, capsys):
+    common = ['--runs', '2', '--seed', '0', '--device', 'cpu', '--data-dir', str(tiny_data_dir), '--logs', str(tmp_path)]
+    flip = flip_study.main(common + ['--budgets', '1', '2'])['arms']
+    [flip_log] = (tmp_path / 'flip_study').iterdir()
+    fresh = alt_translate.main(common + ['--epochs', '2'])['arms']['random translate (airbench94)']
+    reused = alt_translate.main(common + ['--epochs', '2', '--baseline-from', str(flip_log)])['arms']['random translate (airbench94)']
+    assert all(run['reused_from'] == str(flip_log) for run in reused)
+    # training on a CPU is deterministic: the reused runs are exactly the ones this study would train
+    assert [r['tta_val_acc'] for r in reused] == [r['tta_val_acc'] for r in fresh] == \
+        [r['tta_val_acc'] for r in flip['alternating flip, 2 epochs']]
+    # other epochs: nothing to reuse, so the baseline is trained
+    trained = dynamic_ls.main(common + ['--epochs', '3', '--baseline-from', str(flip_log)])['arms']['label smoothing 0.2 (airbench94)']
+    assert not any('reused_from' in run for run in trained)
+    with pytest.raises(SystemExit, match='not a study log'):
+        whiten_unfreeze.main(common + ['--baseline-from', str(tmp_path / 'nowhere')])
+
+
 def test_unfrozen_whitening_weights_actually_train(tiny_studies, tiny_data_dir):
     airbench94 = harness.airbench94
     train = airbench94.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=airbench94.hyp['aug'], device='cpu')
