@@ -37,7 +37,7 @@ def summary(log):
 
 
 def main(argv=None):
-    args = harness.parse_args(__doc__.split('\n\n')[0], argv, runs_on_cpu=3)
+    args = harness.parse_args(__doc__.split('\n\n')[0], argv, runs_on_cpu=3, baseline_is_airbench94=True)
     train, test = harness.loaders(args)
     arms = {'airbench94': lambda seed: harness.train_run(args, train, test, seed)}
     return harness.run_study('calibration', 'class-aggregated calibration error of the ensemble', args, arms, summary,

@@ -37,7 +37,7 @@ def parse_args(description, argv=None, epochs=airbench94.hyp['opt']['epochs'], r
     if baseline_is_airbench94:
         parser.add_argument('--baseline-from', default=None, metavar='LOG_DIR',
                             help="reuse an earlier study's unchanged-airbench94 runs (same epochs, seeds, data, device, "
-                                 "dtype) as this study's baseline instead of training them again")
+                                 "dtype) as this study's airbench94 arm instead of training them again")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
