@@ -124,7 +124,8 @@ def test_studies_log_their_own_fields_per_epoch(tiny_studies, tiny_data_dir, tmp
     assert [row['offset'] for row in arms['cyclic translate'][0]['epochs']] == alt_translate.offset_cycle(2)[:3]
 
 
-def test_baseline_runs_are_reused_only_when_trained_the_same_way(tiny_studies, tiny_data_dir, tmp_path, capsys):
+def test_baseline_runs_are_reused_only_when_trained_the_same_way(tiny_studies, tiny_data_dir, one_batch_data_dir,
+                                                                 tmp_path):
     common = ['--runs', '2', '--seed', '0', '--device', 'cpu', '--data-dir', str(tiny_data_dir), '--logs', str(tmp_path)]
     flip = flip_study.main(common + ['--budgets', '1', '2'])['arms']
     [flip_log] = (tmp_path / 'flip_study').iterdir()
@@ -139,6 +140,8 @@ def test_baseline_runs_are_reused_only_when_trained_the_same_way(tiny_studies, t
     assert not any('reused_from' in run for run in trained)
     with pytest.raises(SystemExit, match='not a study log'):
         whiten_unfreeze.main(common + ['--baseline-from', str(tmp_path / 'nowhere')])
+    with pytest.raises(SystemExit, match='trained on other data'):
+        whiten_unfreeze.main(common + ['--data-dir', str(one_batch_data_dir), '--baseline-from', str(flip_log)])
 
 
 def test_unfrozen_whitening_weights_actually_train(tiny_studies, tiny_data_dir):
