@@ -7,6 +7,8 @@ command line, logs) is the same as in the ablation scripts, so their timings com
 
     python ablations/train_resnet18.py              # train, print a table per epoch, log to logs/<run id>/
     python ablations/train_resnet18.py --help       # every flag
+    python ablations/train_resnet18.py --seed 0 --checkpoint resnet18.pt   # hours on a CPU: if interrupted,
+                                                    # the same command continues from the last finished epoch
 
 Importing this file does nothing but define things; its API is airbench94.py's (see README.md).
 """
@@ -334,7 +336,8 @@ def make_optimizer(net, opt, batch_size):
     return optimizer
 
 
-def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_epoch_start=None, **overrides):
+def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_epoch_start=None, checkpoint=None,
+          **overrides):
     """Train a fresh network and return it.
 
     train_loader: a training CifarLoader (default: the data dir's training set with hyp['aug']).
@@ -344,6 +347,9 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
                   seconds (cumulative training time, GPU-synchronized, evaluation excluded).
     on_epoch_start: called as on_epoch_start(epoch, net, optimizer, opt) before each epoch (0-based);
                   it may change `opt` (read at every step) or the optimizer: the hook for experiments.
+    checkpoint:   a file path: the training state is saved there after every epoch, and a training that
+                  finds one there (same options, data size, device and dtype) continues from it, first
+                  replaying the finished epochs' reports. A resumed training equals an uninterrupted one.
     overrides:    any key of hyp['opt'], e.g. epochs=8, lr=10.0, label_smoothing=0, seed=0.
     """
     unknown = set(overrides) - set(hyp['opt'])
@@ -367,10 +373,22 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
     optimizer = make_optimizer(net, opt, train_loader.batch_size)
     step = 0
     seconds = 0.0
+    history = []  # the report of every finished epoch, kept for the checkpoint
+    checkpoint = None if checkpoint is None else os.path.abspath(checkpoint)  # any path-like, even a bare name
+    identity = {**opt, 'train_images': len(train_loader.images), 'device': device.type, 'dtype': str(dtype)}
+    if checkpoint is not None and os.path.exists(checkpoint):
+        state = load_checkpoint(checkpoint, identity)
+        net.load_state_dict(state['net'])
+        optimizer.load_state_dict(state['optimizer'])
+        set_rng_state(device, state['rng'])
+        step, seconds, history = state['step'], state['seconds'], state['history']
+        for row in history:
+            if report is not None:
+                report(row)
 
     synchronize(device)
     start = time.perf_counter()
-    for epoch in range(math.ceil(opt['epochs'])):
+    for epoch in range(len(history), math.ceil(opt['epochs'])):
         if on_epoch_start is not None:
             on_epoch_start(epoch, net, optimizer, opt)
         loss_sum = correct = seen = 0
@@ -395,13 +413,46 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
         if not torch.isfinite(loss_sum):
             raise AirbenchError(f"the training loss became {float(loss_sum)} in epoch {epoch + 1}; "
                                 f"training diverged (try a lower lr, or float32 with --dtype float32)")
+        history.append({'epoch': epoch + 1, 'train_loss': float(loss_sum) / seen, 'train_acc': float(correct) / seen,
+                        'val_acc': evaluate(net, test_loader, tta_level=0) if test_loader is not None else None,
+                        'seconds': seconds})
+        if checkpoint is not None:
+            save_log({**identity, 'net': net.state_dict(), 'optimizer': optimizer.state_dict(),
+                      'rng': get_rng_state(device), 'step': step, 'seconds': seconds, 'history': history}, checkpoint)
         if report is not None:
-            report({'epoch': epoch + 1, 'train_loss': float(loss_sum) / seen, 'train_acc': float(correct) / seen,
-                    'val_acc': evaluate(net, test_loader, tta_level=0) if test_loader is not None else None,
-                    'seconds': seconds})
+            report(history[-1])
         synchronize(device)
         start = time.perf_counter()
     return net
+
+
+def get_rng_state(device):
+    """The random state the loader draws its shuffles and augmentations from."""
+    if device.type == 'cuda':
+        return torch.cuda.get_rng_state(device)
+    return torch.mps.get_rng_state() if device.type == 'mps' else torch.get_rng_state()
+
+
+def set_rng_state(device, rng):
+    if device.type == 'cuda':
+        torch.cuda.set_rng_state(rng, device)
+    elif device.type == 'mps':
+        torch.mps.set_rng_state(rng)
+    else:
+        torch.set_rng_state(rng)
+
+
+def load_checkpoint(path, identity):
+    """The training state saved at `path`, after checking it was saved by the same training."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise AirbenchError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); delete it to start over") from None
+    differences = [f"{key}: {state.get(key)} there, {value} here" for key, value in identity.items() if state.get(key) != value]
+    if differences:
+        raise AirbenchError(f"the checkpoint {path} was saved by another training ({'; '.join(differences)}); "
+                            f"use the flags it was saved with, or delete it to start over")
+    return state
 
 
 #############################################
@@ -476,9 +527,16 @@ def parse_args(argv):
     parser.add_argument('--dtype', default=None, choices=tuple(DTYPES),
                         help='compute precision (default: float16 on CUDA, bfloat16 on bf16-capable CPUs)')
     parser.add_argument('--no-log', action='store_true', help='do not write logs/<run id>/log.pt')
+    parser.add_argument('--checkpoint', metavar='PATH',
+                        help='save the training state to PATH after every epoch; run the same command again '
+                             'to continue from it (for long CPU runs; one run only)')
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error(f'--runs must be at least 1, got {args.runs}')
+    if args.checkpoint is not None and args.runs not in (None, 1):
+        parser.error(f'--checkpoint keeps one training: use it with --runs 1, not {args.runs}')
+    if args.checkpoint is not None:
+        args.runs = 1
     if not args.epochs > 0 or math.isinf(args.epochs):
         parser.error(f'--epochs must be a positive number, got {args.epochs}')
     try:
@@ -517,7 +575,8 @@ def run_training(args, train_loader, test_loader, seed, label):
         epochs.append(row)
         print_row((label, row['epoch'], row['train_loss'], row['train_acc'], row['val_acc'], None, row['seconds']))
 
-    net = train(train_loader, test_loader, dtype=args.dtype, report=report, epochs=args.epochs, seed=seed)
+    net = train(train_loader, test_loader, dtype=args.dtype, report=report, epochs=args.epochs, seed=seed,
+                checkpoint=args.checkpoint)
     synchronize(args.device)
     start = time.perf_counter()
     tta_val_acc = evaluate(net, test_loader, tta_level=args.tta_level)
@@ -539,6 +598,13 @@ def main(argv=None):
     except AirbenchError as e:
         sys.exit(f'{os.path.basename(__file__)}: error: {e}')
 
+    resuming = args.checkpoint is not None and os.path.exists(args.checkpoint)
+    if resuming and args.seed is None:  # the same command again continues the same training
+        try:
+            args.seed = load_checkpoint(args.checkpoint, identity={}).get('seed')
+        except AirbenchError as e:
+            sys.exit(f'{os.path.basename(__file__)}: error: {e}')
+
     total_steps = math.ceil(args.epochs * len(train_loader))
     train_flops, eval_flops = count_flops(total_steps, train_loader.batch_size, len(test_loader.images), args.tta_level)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little') >> 1
@@ -546,11 +612,14 @@ def main(argv=None):
           f'{args.epochs} epochs ({total_steps} steps), first seed {seed}')
     print(f'{count_parameters(make_net()):,} parameters; {(train_flops + eval_flops) / 1e15:.3f} PFLOPs per run '
           f'(training {train_flops / 1e15:.3f} + TTA evaluation {eval_flops / 1e15:.4f})')
+    if resuming:
+        print(f'continuing the training saved in {args.checkpoint} (finished epochs are replayed from it)')
     with open(__file__) as f:
         source = f.read()
     log = {'run_id': run_id, 'argv': sys.argv, 'source': source, 'hyp': hyp,
            'device': str(args.device), 'dtype': str(args.dtype), 'torch': torch.__version__,
-           'epochs': args.epochs, 'tta_level': args.tta_level, 'flops': train_flops + eval_flops, 'runs': []}
+           'epochs': args.epochs, 'tta_level': args.tta_level, 'checkpoint': args.checkpoint,
+           'flops': train_flops + eval_flops, 'runs': []}
 
     runs = log['runs']
     try:
@@ -565,6 +634,8 @@ def main(argv=None):
         sys.exit(f'{os.path.basename(__file__)}: error: {e}')
     except KeyboardInterrupt:
         print(f'\ninterrupted after {len(runs)} complete run(s)', file=sys.stderr)
+        if args.checkpoint is not None and not runs:
+            print(f'the finished epochs are saved in {args.checkpoint}: run the same command to continue', file=sys.stderr)
 
     if runs:
         accs = torch.tensor([r['tta_val_acc'] for r in runs]) * 100

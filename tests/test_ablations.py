@@ -174,3 +174,54 @@ def test_series_flops_are_counted_near_the_published_ones(name, feature, epochs)
     script = load_script(name)
     train_flops, eval_flops = script.count_flops(math.ceil(epochs * 48), 1024, 10_000, script.hyp['net']['tta_level'])
     assert (train_flops + eval_flops) / 1e15 == pytest.approx(published, rel=0.04)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after_epoch_1(row):
+    raise Interrupted
+
+
+def test_resnet18_resumed_from_its_checkpoint_ends_where_an_uninterrupted_training_ends(tiny_data_dir, tmp_path,
+                                                                                        monkeypatch):
+    """Its CPU run takes hours: interrupted after an epoch and run again, it loses nothing."""
+    resnet18 = load_script('ablations/train_resnet18')
+    monkeypatch.setitem(resnet18.hyp['net'], 'widths', {'block1': 8, 'block2': 16, 'block3': 16, 'block4': 16})
+    checkpoint = tmp_path / 'checkpoint.pt'
+
+    def trained(report, seed=0, checkpoint=None):
+        return resnet18.train(*tiny_loaders(resnet18, tiny_data_dir), report=report, dtype=torch.float32,
+                              epochs=3, seed=seed, checkpoint=checkpoint)
+    uninterrupted_rows, resumed_rows = [], []
+    uninterrupted = trained(uninterrupted_rows.append)
+    with pytest.raises(Interrupted):
+        trained(interrupt_after_epoch_1, checkpoint=checkpoint)
+    resumed = trained(resumed_rows.append, checkpoint=checkpoint)
+
+    assert [row['epoch'] for row in resumed_rows] == [1, 2, 3]  # epoch 1 replayed from the checkpoint
+    assert [row['train_loss'] for row in resumed_rows] == [row['train_loss'] for row in uninterrupted_rows]
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()))
+    with pytest.raises(resnet18.AirbenchError, match='saved by another training .*seed: 0 there, 1 here'):
+        trained(None, seed=1, checkpoint=checkpoint)
+
+
+def test_resnet18_command_run_again_continues_its_checkpoint(one_batch_data_dir, tmp_path, monkeypatch, capsys):
+    resnet18 = load_script('ablations/train_resnet18')
+    monkeypatch.setitem(resnet18.hyp['net'], 'widths', {'block1': 8, 'block2': 16, 'block3': 16, 'block4': 16})
+    monkeypatch.chdir(tmp_path)
+    command = ['--data-dir', str(one_batch_data_dir), '--epochs', '1', '--device', 'cpu', '--no-log',
+               '--checkpoint', str(tmp_path / 'checkpoint.pt')]
+    outputs = []
+    for _ in range(2):  # no --seed: the second run takes the seed from the checkpoint
+        resnet18.main(command)
+        outputs.append(capsys.readouterr().out.splitlines())
+    assert 'continuing the training saved in' in '\n'.join(outputs[1])
+    epoch_rows, finals = ([[line.split() for line in out if line.split()[:2] == ['1', kind]] for out in outputs]
+                          for kind in ('1', 'final'))
+    assert epoch_rows[0] == epoch_rows[1]  # replayed, seconds included
+    assert finals[0][0][2] == finals[1][0][2]  # the same network: the same TTA accuracy
+    with pytest.raises(SystemExit):
+        resnet18.main(command + ['--runs', '2'])
+    assert '--checkpoint keeps one training' in capsys.readouterr().err
