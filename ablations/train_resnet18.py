@@ -382,8 +382,8 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
         optimizer.load_state_dict(state['optimizer'])
         set_rng_state(device, state['rng'])
         step, seconds, history = state['step'], state['seconds'], state['history']
-        for row in history:
-            if report is not None:
+        if report is not None:
+            for row in history:
                 report(row)
 
     synchronize(device)
@@ -533,9 +533,9 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error(f'--runs must be at least 1, got {args.runs}')
-    if args.checkpoint is not None and args.runs not in (None, 1):
-        parser.error(f'--checkpoint keeps one training: use it with --runs 1, not {args.runs}')
     if args.checkpoint is not None:
+        if args.runs not in (None, 1):
+            parser.error(f'--checkpoint keeps one training: use it with --runs 1, not {args.runs}')
         args.runs = 1
     if not args.epochs > 0 or math.isinf(args.epochs):
         parser.error(f'--epochs must be a positive number, got {args.epochs}')
