@@ -23,7 +23,9 @@ import ctypes
 import datetime
 import math
 import os
+import pickle
 import sys
+import tarfile
 import time
 import uuid
 
@@ -111,6 +113,21 @@ def choose_device_and_dtype(device=None, dtype=None):
     return device, dtype
 
 
+def precision_problem(device, dtype):
+    """Why `dtype` cannot train on `device` here (a message naming what works), or None if it can.
+    The command line refuses such a choice before any work; train() itself accepts any dtype, so the
+    CUDA precision (float16) can be exercised on a CPU in tests."""
+    cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    works_on_cpu = 'bfloat16 (this CPU has bf16 instructions) or float32' if cpu_bf16 else 'float32'
+    if device.type == 'cpu' and dtype == torch.float16:
+        return f"--dtype float16 is for CUDA GPUs; on the CPU use {works_on_cpu}"
+    if device.type == 'cpu' and dtype == torch.bfloat16 and not cpu_bf16:
+        return "this CPU has no bf16 instructions, so bfloat16 would be emulated and many times slower; use float32"
+    if device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bfloat16 support; use float16 or float32"
+    return None
+
+
 def tune_process_for(device):
     """Process-wide speedups, applied by main() only (never on import)."""
     if device.type == 'cuda':
@@ -136,24 +153,33 @@ def synchronize(device):
 #                DataLoader                 #
 #############################################
 
+CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
+CIFAR10_ARCHIVE = 'cifar-10-python.tar.gz'  # the official "python version", read without network
+CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
+
+
 def default_data_dir():
     return os.environ.get('AIRBENCH_DATA', './cifar10')
 
 
 def load_cifar10(data_dir, train=True):
     """Return {'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes': [10 names]} for one split,
-    from <data_dir>/{train,test}.pt; downloads CIFAR-10 with torchvision and writes that file if absent."""
+    from <data_dir>/{train,test}.pt. If absent, both are written from the official archive
+    <data_dir>/cifar-10-python.tar.gz, which is downloaded first if it is not there either."""
     split = 'train' if train else 'test'
     path = os.path.join(data_dir, split + '.pt')
-    fix = (f"Fix: point --data-dir (or AIRBENCH_DATA) at a directory holding train.pt and test.pt; "
-           f"offline, write them with `python shared/data/prepare_cifar10.py {data_dir}`.")
+    fix = (f"Fix: point --data-dir (or AIRBENCH_DATA) at a directory holding train.pt and test.pt, or, "
+           f"without network, put the official {CIFAR10_ARCHIVE} ({CIFAR10_URL}) in {data_dir}.")
     if not os.path.exists(path):
-        download_cifar10(data_dir, fix)
+        archive = os.path.join(data_dir, CIFAR10_ARCHIVE)
+        if not os.path.exists(archive):
+            download_cifar10(data_dir, fix)
+        write_cache_from_archive(archive, data_dir, fix)
     try:
         data = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise AirbenchError(f"cannot read {path} ({type(e).__name__}: {e}). It may be corrupted or "
-                            f"unreadable; delete it to download again. {fix}") from None
+                            f"unreadable; delete it to write it again. {fix}") from None
     images, labels = (data.get('images'), data.get('labels')) if isinstance(data, dict) else (None, None)
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
             and images.shape[1:] == (32, 32, 3) and len(images) > 0
@@ -161,24 +187,36 @@ def load_cifar10(data_dir, train=True):
             and 0 <= labels.min() and labels.max() <= 9):
         raise AirbenchError(f"{path} is not a CIFAR-10 {split} cache: expected a dict with 'images' "
                             f"(uint8 [N,32,32,3]) and 'labels' (int64 [N], values 0-9). "
-                            f"Delete it to download again. {fix}")
+                            f"Delete it to write it again. {fix}")
     return {'images': images, 'labels': labels, 'classes': data.get('classes')}
 
 
 def download_cifar10(data_dir, fix):
-    """Fetch CIFAR-10 with torchvision and cache both splits in our format (atomically)."""
+    """Fetch the official archive into data_dir (checked against its published MD5)."""
     try:
-        import torchvision
-        os.makedirs(data_dir, exist_ok=True)
-        for train in (True, False):
-            dataset = torchvision.datasets.CIFAR10(data_dir, train=train, download=True)
-            data = {'images': torch.from_numpy(dataset.data), 'labels': torch.tensor(dataset.targets),
-                    'classes': list(dataset.classes)}
-            path = os.path.join(data_dir, ('train' if train else 'test') + '.pt')
-            torch.save(data, path + '.tmp')
-            os.replace(path + '.tmp', path)
+        from torchvision.datasets.utils import download_url
+        download_url(CIFAR10_URL, data_dir, CIFAR10_ARCHIVE, CIFAR10_MD5)
     except Exception as e:
         raise AirbenchError(f"CIFAR-10 is not in {data_dir} and downloading it failed "
+                            f"({type(e).__name__}: {e}). {fix}") from None
+
+
+def write_cache_from_archive(archive, data_dir, fix):
+    """Write <data_dir>/train.pt and test.pt (atomically) from the official archive's pickled batches."""
+    try:
+        with tarfile.open(archive) as tar:
+            def unpickle(name):
+                return pickle.load(tar.extractfile('cifar-10-batches-py/' + name), encoding='bytes')
+            classes = [name.decode() for name in unpickle('batches.meta')[b'label_names']]
+            for split, batches in (('train', [f'data_batch_{i}' for i in range(1, 6)]), ('test', ['test_batch'])):
+                batches = [unpickle(name) for name in batches]
+                images = torch.cat([torch.as_tensor(b[b'data'], dtype=torch.uint8) for b in batches])
+                labels = torch.cat([torch.as_tensor(b[b'labels'], dtype=torch.int64) for b in batches])
+                data = {'images': images.reshape(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous(),
+                        'labels': labels, 'classes': classes}
+                save_atomically(data, os.path.join(data_dir, split + '.pt'))
+    except Exception as e:
+        raise AirbenchError(f"cannot read {archive} as the CIFAR-10 python archive "
                             f"({type(e).__name__}: {e}). {fix}") from None
 
 
@@ -409,7 +447,52 @@ class LookaheadState:
                 v.copy_(self.ema[k])
 
 
-def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_epoch_start=None, **overrides):
+class ProgressLine:
+    """Step, seconds per step and time left, inside epochs long enough to wait for (CPU runs): rewritten
+    in place on a terminal, one line every ~10% of an epoch in a log file. Written to stderr."""
+    min_epoch_seconds = 30  # shorter epochs (any GPU run) show only their table row
+
+    def __init__(self, steps_per_epoch, total_steps, stream=None):
+        self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
+        self.stream = stream or sys.stderr
+        self.in_place = self.stream.isatty()
+        self.shown = False
+
+    def start_epoch(self, epoch, step):
+        self.epoch, self.first_step, self.last_tenth = epoch, step, -1
+        self.epoch_steps = min(self.steps_per_epoch, self.total_steps - step)
+        self.start = time.perf_counter()
+
+    def update(self, step):
+        done = step - self.first_step
+        seconds_per_step = (time.perf_counter() - self.start) / done
+        tenth = 10 * done // self.epoch_steps
+        if seconds_per_step * self.epoch_steps < self.min_epoch_seconds or (tenth == self.last_tenth and not self.in_place):
+            return
+        self.last_tenth = tenth
+        line = (f'epoch {self.epoch + 1} step {done}/{self.epoch_steps}  {seconds_per_step:.2f} s/step  '
+                f'{format_duration(seconds_per_step * (self.epoch_steps - done))} left in the epoch, '
+                f'{format_duration(seconds_per_step * (self.total_steps - step))} in the training')
+        self.stream.write('\r' + line + '\x1b[K' if self.in_place else line + '\n')
+        self.stream.flush()
+        self.shown = self.in_place
+
+    def clear(self):
+        """Erase the in-place line, so that the epoch's table row takes its place."""
+        if self.shown:
+            self.stream.write('\r\x1b[K')
+            self.stream.flush()
+            self.shown = False
+
+
+def format_duration(seconds):
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s' if minutes else f'{seconds}s'
+
+
+def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_epoch_start=None, checkpoint=None,
+          progress=False, **overrides):
     """Train a fresh network and return it (set to its lookahead weights).
 
     train_loader: a training CifarLoader (default: the data dir's training set with hyp['aug']).
@@ -419,6 +502,11 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
                   seconds (cumulative training time, GPU-synchronized, evaluation excluded).
     on_epoch_start: called as on_epoch_start(epoch, net, optimizer, opt) before each epoch (0-based);
                   it may change `opt` (read at every step) or the optimizer: the hook for experiments.
+    checkpoint:   a file path: the training state is saved there (atomically) after every epoch, and a
+                  training that finds one there (same options, data size, device and dtype) continues
+                  from it, first replaying the finished epochs' reports. On a CPU, a resumed training
+                  ends with the same weights, bit for bit, as an uninterrupted one.
+    progress:     show a ProgressLine inside long epochs.
     overrides:    any key of hyp['opt'], e.g. epochs=8, lr=10.0, label_smoothing=0, seed=0.
     """
     unknown = set(overrides) - set(hyp['opt'])
@@ -437,20 +525,38 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
                             f"({train_loader.batch_size})")
     steps_per_epoch = len(train_loader)
     total_steps = math.ceil(opt['epochs'] * steps_per_epoch)
+    identity = {**opt, 'widths': hyp['net']['widths'], 'train_images': len(train_loader.images),
+                'device': device.type, 'dtype': str(dtype)}
+    checkpoint = None if checkpoint is None else os.path.abspath(checkpoint)  # any path-like, even a bare name
+    saved = load_checkpoint(checkpoint, identity) if checkpoint and os.path.exists(checkpoint) else None
+    progress_line = ProgressLine(steps_per_epoch, total_steps) if progress else None
 
     net = make_net().to(device).set_precision(dtype)
     optimizer = make_optimizer(net, opt, train_loader.batch_size)
     step = 0
     seconds = 0.0
+    history = []  # the report of every finished epoch, kept for the checkpoint
 
     synchronize(device)
     start = time.perf_counter()
     init_whitening_conv(net.whiten, train_loader.normalize(train_loader.images[:5000]))
     lookahead = LookaheadState(net)
-    for epoch in range(math.ceil(opt['epochs'])):
+    if saved is not None:  # continue where the saved training stopped
+        net.load_state_dict(saved['net'])
+        optimizer.load_state_dict(saved['optimizer'])
+        lookahead.ema = saved['lookahead']
+        set_rng_state(device, saved['rng'])
+        step, seconds, history = saved['step'], saved['seconds'], saved['history']
+        for row in history if report is not None else ():
+            report(row)
+        synchronize(device)
+        start = time.perf_counter()
+    for epoch in range(len(history), math.ceil(opt['epochs'])):
         net.whiten.bias.requires_grad = epoch < opt['whiten_bias_epochs']
         if on_epoch_start is not None:
             on_epoch_start(epoch, net, optimizer, opt)
+        if progress_line is not None:
+            progress_line.start_epoch(epoch, step)
         loss_sum = correct = seen = 0
         net.train()
         for inputs, labels in train_loader:
@@ -468,22 +574,62 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
             loss_sum = loss_sum + loss.detach()
             correct = correct + (outputs.argmax(1) == labels).sum()
             seen += len(labels)
+            if progress_line is not None:
+                progress_line.update(step)
             if step == total_steps:
                 break
         if step == total_steps:
             lookahead.update(net, decay=1.0)  # end on the averaged weights
         synchronize(device)
         seconds += time.perf_counter() - start
+        if progress_line is not None:
+            progress_line.clear()
         if not torch.isfinite(loss_sum):
             raise AirbenchError(f"the training loss became {float(loss_sum)} in epoch {epoch + 1}; "
                                 f"training diverged (try a lower lr, or float32 with --dtype float32)")
+        history.append({'epoch': epoch + 1, 'train_loss': float(loss_sum) / seen, 'train_acc': float(correct) / seen,
+                        'val_acc': evaluate(net, test_loader, tta_level=0) if test_loader is not None else None,
+                        'seconds': seconds})
+        if checkpoint is not None:
+            save_atomically({**identity, 'net': net.state_dict(), 'optimizer': optimizer.state_dict(),
+                             'lookahead': lookahead.ema, 'rng': get_rng_state(device),
+                             'step': step, 'seconds': seconds, 'history': history}, checkpoint)
         if report is not None:
-            report({'epoch': epoch + 1, 'train_loss': float(loss_sum) / seen, 'train_acc': float(correct) / seen,
-                    'val_acc': evaluate(net, test_loader, tta_level=0) if test_loader is not None else None,
-                    'seconds': seconds})
+            report(history[-1])
         synchronize(device)
         start = time.perf_counter()
     return net
+
+
+def get_rng_state(device):
+    """Every random state the training draws from: the CPU's, and the GPU's where the data lives there."""
+    state = {'cpu': torch.get_rng_state()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    if device.type == 'mps':
+        state['mps'] = torch.mps.get_rng_state()
+    return state
+
+
+def set_rng_state(device, state):
+    torch.set_rng_state(state['cpu'])
+    if device.type == 'cuda':
+        torch.cuda.set_rng_state(state['cuda'], device)
+    if device.type == 'mps':
+        torch.mps.set_rng_state(state['mps'])
+
+
+def load_checkpoint(path, identity):
+    """The training state saved at `path`, after checking it was saved by the same training."""
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise AirbenchError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); delete it to start over") from None
+    differences = [f"{key}: {state.get(key)} there, {value} here" for key, value in identity.items() if state.get(key) != value]
+    if differences:
+        raise AirbenchError(f"the checkpoint {path} was saved by another training ({'; '.join(differences)}); "
+                            f"use the flags it was saved with, or delete it to start over")
+    return state
 
 
 #############################################
@@ -560,22 +706,33 @@ def parse_args(argv):
     parser.add_argument('--seed', type=int, default=None,
                         help='seed of the first run (run i uses seed+i); same seed, device and dtype, same result')
     parser.add_argument('--data-dir', default=default_data_dir(),
-                        help='directory with train.pt/test.pt (downloaded there if absent; env AIRBENCH_DATA) (default: %(default)s)')
+                        help='directory with train.pt/test.pt, or with the official cifar-10-python.tar.gz to write them from '
+                             '(downloaded there if absent; env AIRBENCH_DATA) (default: %(default)s)')
     parser.add_argument('--tta-level', type=int, default=hyp['net']['tta_level'], choices=(0, 1, 2),
                         help='test-time augmentation: 0 one view, 1 +mirror, 2 +shifts (6 views) (default: %(default)s)')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best available)')
     parser.add_argument('--dtype', default=None, choices=tuple(DTYPES),
                         help='compute precision (default: float16 on CUDA, bfloat16 on bf16-capable CPUs)')
     parser.add_argument('--no-log', action='store_true', help='do not write logs/<run id>/log.pt')
+    parser.add_argument('--checkpoint', metavar='PATH',
+                        help='save the training state to PATH after every epoch; the same command run again '
+                             'continues from it (for long CPU runs; one run only)')
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error(f'--runs must be at least 1, got {args.runs}')
+    if args.checkpoint is not None:
+        if args.runs not in (None, 1):
+            parser.error(f'--checkpoint keeps one training: use it with --runs 1, not {args.runs}')
+        args.runs = 1
     if not args.epochs > 0 or math.isinf(args.epochs):
         parser.error(f'--epochs must be a positive number, got {args.epochs}')
     try:
         args.device, args.dtype = choose_device_and_dtype(args.device, args.dtype)
     except AirbenchError as e:
         parser.error(str(e))
+    problem = precision_problem(args.device, args.dtype)
+    if problem:
+        parser.error(problem)
     if args.runs is None:
         args.runs = 25 if args.device.type == 'cuda' else 1
     return args
@@ -593,7 +750,7 @@ def print_row(values):
     print('  '.join(cells), flush=True)
 
 
-def save_log(log, path):
+def save_atomically(log, path):
     """Write atomically: an interrupted run leaves the previous complete log, never half of one."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(log, path + '.tmp')
@@ -608,7 +765,8 @@ def run_training(args, train_loader, test_loader, seed, label):
         epochs.append(row)
         print_row((label, row['epoch'], row['train_loss'], row['train_acc'], row['val_acc'], None, row['seconds']))
 
-    net = train(train_loader, test_loader, dtype=args.dtype, report=report, epochs=args.epochs, seed=seed)
+    net = train(train_loader, test_loader, dtype=args.dtype, report=report, epochs=args.epochs, seed=seed,
+                checkpoint=args.checkpoint, progress=True)
     synchronize(args.device)
     start = time.perf_counter()
     tta_val_acc = evaluate(net, test_loader, tta_level=args.tta_level)
@@ -630,6 +788,13 @@ def main(argv=None):
     except AirbenchError as e:
         sys.exit(f'{os.path.basename(__file__)}: error: {e}')
 
+    resuming = args.checkpoint is not None and os.path.exists(args.checkpoint)
+    if resuming and args.seed is None:  # the same command again continues the same training
+        try:
+            args.seed = load_checkpoint(args.checkpoint, identity={}).get('seed')
+        except AirbenchError as e:
+            sys.exit(f'{os.path.basename(__file__)}: error: {e}')
+
     total_steps = math.ceil(args.epochs * len(train_loader))
     train_flops, eval_flops = count_flops(total_steps, train_loader.batch_size, len(test_loader.images), args.tta_level)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little') >> 1
@@ -637,11 +802,14 @@ def main(argv=None):
           f'{args.epochs} epochs ({total_steps} steps), first seed {seed}')
     print(f'{count_parameters(make_net()):,} parameters; {(train_flops + eval_flops) / 1e15:.3f} PFLOPs per run '
           f'(training {train_flops / 1e15:.3f} + TTA evaluation {eval_flops / 1e15:.4f})')
+    if resuming:
+        print(f'continuing the training saved in {args.checkpoint} (finished epochs are replayed from it)')
     with open(__file__) as f:
         source = f.read()
     log = {'run_id': run_id, 'argv': sys.argv, 'source': source, 'hyp': hyp,
            'device': str(args.device), 'dtype': str(args.dtype), 'torch': torch.__version__,
-           'epochs': args.epochs, 'tta_level': args.tta_level, 'flops': train_flops + eval_flops, 'runs': []}
+           'epochs': args.epochs, 'tta_level': args.tta_level, 'checkpoint': args.checkpoint,
+           'flops': train_flops + eval_flops, 'runs': []}
 
     runs = log['runs']
     try:
@@ -651,11 +819,13 @@ def main(argv=None):
         for i in range(args.runs):
             runs.append(run_training(args, train_loader, test_loader, seed + i, label=i + 1))
             if not args.no_log:
-                save_log(log, log_path)
+                save_atomically(log, log_path)
     except AirbenchError as e:
         sys.exit(f'{os.path.basename(__file__)}: error: {e}')
     except KeyboardInterrupt:
         print(f'\ninterrupted after {len(runs)} complete run(s)', file=sys.stderr)
+        if args.checkpoint is not None and not runs:
+            print(f'the finished epochs are saved in {args.checkpoint}: run the same command to continue', file=sys.stderr)
 
     if runs:
         accs = torch.tensor([r['tta_val_acc'] for r in runs]) * 100

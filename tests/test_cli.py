@@ -1,5 +1,6 @@
 """The command line: clear one-paragraph errors (never a traceback), logs, and imports without side effects."""
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -40,6 +41,7 @@ def test_help_documents_every_flag(name, tmp_path):
     (['--tta-level', '3'], 'invalid choice'),
     (['--device', 'tpu'], 'unknown device'),
     (['--dtype', 'int8'], 'invalid choice'),
+    (['--device', 'cpu', '--dtype', 'float16'], '--dtype float16 is for CUDA GPUs; on the CPU use'),
 ])
 def test_invalid_flags_exit_with_a_message_and_no_traceback(script, args, message, tmp_path):
     result = run_script(script.__name__, *args, cwd=tmp_path)
@@ -60,7 +62,7 @@ def test_bad_data_cache_exits_with_a_fix_and_no_traceback(script, damage, messag
     damage(tmp_path / 'train.pt')
     result = run_script(script.__name__, '--data-dir', str(tmp_path), '--no-log', cwd=tmp_path)
     assert result.returncode == 1
-    assert message in result.stderr and 'prepare_cifar10.py' in result.stderr
+    assert message in result.stderr and 'cifar-10-python.tar.gz' in result.stderr
     assert 'Traceback' not in result.stderr
 
 
@@ -71,30 +73,71 @@ def test_unreadable_data_dir_exits_with_a_message(script, tmp_path):
 
 
 def test_missing_data_without_network_is_a_clear_error(script, tmp_path, monkeypatch):
-    import torchvision
+    import torchvision.datasets.utils
 
     def no_network(*args, **kwargs):
         raise OSError('network is unreachable')
-    monkeypatch.setattr(torchvision.datasets, 'CIFAR10', no_network)
+    monkeypatch.setattr(torchvision.datasets.utils, 'download_url', no_network)
     with pytest.raises(script.AirbenchError, match='downloading it failed.*network is unreachable'):
         script.CifarLoader(tmp_path / 'empty', device='cpu')
-    with pytest.raises(SystemExit, match='prepare_cifar10.py'):
+    with pytest.raises(SystemExit, match='put the official cifar-10-python.tar.gz'):
         script.main(['--data-dir', str(tmp_path / 'empty'), '--no-log', '--device', 'cpu'])
 
 
-def test_download_writes_the_cache_format(script, tmp_path, monkeypatch):
-    import numpy as np
-    import torchvision
+def write_official_archive(path, images_per_batch=3):
+    """A small cifar-10-python.tar.gz in the official layout: pickled dicts of flat CHW uint8 rows."""
+    import io
+    import pickle
+    import tarfile
 
-    class FakeCIFAR10:
-        def __init__(self, root, train, download):
-            n = 20 if train else 10
-            self.data = np.zeros((n, 32, 32, 3), dtype=np.uint8)
-            self.targets = [i % 10 for i in range(n)]
-            self.classes = [str(k) for k in range(10)]
-    monkeypatch.setattr(torchvision.datasets, 'CIFAR10', FakeCIFAR10)
+    import numpy as np
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, 'w:gz') as tar:
+        def add(name, content):
+            data = pickle.dumps(content)
+            info = tarfile.TarInfo('cifar-10-batches-py/' + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        add('batches.meta', {b'label_names': [name.encode() for name in 'abcdefghij']})
+        batches = {}
+        for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+            batches[name] = {b'data': rng.integers(0, 256, (images_per_batch, 3072), dtype=np.uint8),
+                             b'labels': rng.integers(0, 10, images_per_batch).tolist()}
+            add(name, batches[name])
+    return batches
+
+
+def test_the_official_archive_is_read_without_network(script, tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+    monkeypatch.setattr(torchvision.datasets.utils, 'download_url', lambda *a, **k: pytest.fail('downloaded'))
+    batches = write_official_archive(tmp_path / 'cifar-10-python.tar.gz')
+    loader = script.CifarLoader(tmp_path, train=True, device='cpu')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['cifar-10-python.tar.gz', 'test.pt', 'train.pt']
+    train = script.load_cifar10(tmp_path, train=True)
+    assert train['classes'] == list('abcdefghij') and train['images'].shape == (15, 32, 32, 3)
+    first = batches['data_batch_1'][b'data'][0]  # a row is the red plane, then green, then blue
+    assert train['images'][0, 0, 1].tolist() == [first[1], first[1024 + 1], first[2048 + 1]]
+    assert train['labels'].tolist() == sum((batches[f'data_batch_{i}'][b'labels'] for i in range(1, 6)), [])
+    assert torch.equal(loader.images, train['images'].permute(0, 3, 1, 2).float() / 255)
+    test = script.load_cifar10(tmp_path, train=False)
+    assert test['labels'].tolist() == batches['test_batch'][b'labels']
+
+
+def test_a_damaged_archive_is_a_clear_error(script, tmp_path):
+    (tmp_path / 'cifar-10-python.tar.gz').write_bytes(b'not an archive')
+    with pytest.raises(script.AirbenchError, match='cannot read .* as the CIFAR-10 python archive'):
+        script.CifarLoader(tmp_path, device='cpu')
+
+
+def test_download_fetches_the_official_archive_and_writes_the_cache(script, tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    def fake_download(url, root, filename, md5):
+        assert url.endswith('/cifar-10-python.tar.gz') and filename == 'cifar-10-python.tar.gz'
+        write_official_archive(pathlib.Path(root) / filename)
+    monkeypatch.setattr(torchvision.datasets.utils, 'download_url', fake_download)
     loader = script.CifarLoader(tmp_path, train=False, device='cpu')
-    assert len(loader.images) == 10 and sorted(p.name for p in tmp_path.iterdir()) == ['test.pt', 'train.pt']
+    assert len(loader.images) == 3 and (tmp_path / 'train.pt').exists()
 
 
 def test_main_trains_prints_the_table_and_writes_an_atomic_log(script, one_batch_data_dir, tmp_path):
@@ -123,3 +166,52 @@ def test_same_seed_on_the_command_line_reproduces_the_accuracy(one_batch_data_di
                if 'final' in line][0].split()[2] for _ in range(2)]
     assert finals[0] == finals[1]
     assert not (tmp_path / 'logs').exists()  # --no-log
+
+
+def test_unsupported_precisions_are_named_with_what_works(script, monkeypatch):
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
+    assert script.precision_problem(cpu, torch.float16).endswith('on the CPU use float32')
+    assert 'no bf16 instructions' in script.precision_problem(cpu, torch.bfloat16)
+    assert script.precision_problem(cpu, torch.float32) is None
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
+    assert script.precision_problem(cpu, torch.float16).endswith('use bfloat16 (this CPU has bf16 instructions) or float32')
+    assert script.precision_problem(cpu, torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: False)
+    assert 'use float16 or float32' in script.precision_problem(cuda, torch.bfloat16)
+    assert script.precision_problem(cuda, torch.float16) is None
+
+
+def test_long_epochs_show_a_progress_line_every_tenth_in_a_log(script, tiny_data_dir, monkeypatch, capsys):
+    monkeypatch.setattr(script.ProgressLine, 'min_epoch_seconds', 0)  # as if every epoch took minutes
+    train = script.CifarLoader(tiny_data_dir, train=True, batch_size=16, aug=script.hyp['aug'], device='cpu')
+    script.train(train, dtype=torch.float32, epochs=1.5, seed=0, progress=True)  # 16 + 8 steps
+    lines = capsys.readouterr().err.splitlines()
+    steps = [line.split()[1:4] for line in lines]
+    assert steps[0] == ['1', 'step', '1/16'] and steps[-1] == ['2', 'step', '8/8']
+    assert len(lines) == 11 + 8  # 16 steps: step 1 and then a line per tenth; 8 steps: every step
+    assert all(' s/step ' in line and 'left in the epoch' in line and 'in the training' in line for line in lines)
+
+
+def test_short_epochs_show_no_progress_line(script, tiny_data_dir, capsys):
+    train = script.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=script.hyp['aug'], device='cpu')
+    script.train(train, dtype=torch.float32, epochs=1, seed=0, progress=True)
+    assert capsys.readouterr().err == ''
+
+
+def test_progress_line_is_rewritten_in_place_on_a_terminal(script):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    terminal = Terminal()
+    progress = script.ProgressLine(steps_per_epoch=4, total_steps=8, stream=terminal)
+    progress.min_epoch_seconds = 0
+    progress.start_epoch(epoch=0, step=0)
+    for step in range(1, 5):
+        progress.update(step)
+    progress.clear()
+    written = terminal.getvalue()
+    assert written.count('\r') == 5 and '\n' not in written and written.endswith('\r\x1b[K')
+    assert 'epoch 1 step 4/4' in written
