@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from conftest import only_for
+
 
 @pytest.mark.full_size
 def test_parameter_count_matches_the_paper(script, expected):
@@ -22,6 +24,7 @@ def test_whitening_weights_and_batchnorm_scales_are_frozen(script, expected):
 
 
 def test_frozen_parameters_are_not_given_to_the_optimizer(script):
+    only_for(script, 'make_optimizer')  # airbench94_muon: tests/test_muon.py
     net = script.make_net()
     optimizer = script.make_optimizer(net, script.hyp['opt'], batch_size=1024)
     optimized = {id(p) for group in optimizer.param_groups for p in group['params']}
