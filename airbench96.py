@@ -6,7 +6,7 @@
 airbench94.py grown for 96%, in the cheaper configuration of the later release of "94% on CIFAR-10
 in 3.29 Seconds on a Single GPU" (Keller Jordan, 2024): a third conv per block with a residual
 connection around the last two, widths 128/384/512, 12px cutout, 4px translate, 37 epochs,
-lr 9.0, weight decay 0.012, 10% warm-up then linear decay to zero, PyTorch-default BatchNorm
+lr 9.0, weight decay 0.012, 10% warm-up from 0.2 then linear decay to zero, PyTorch-default BatchNorm
 momentum. The rest (frozen whitening conv, partial-identity init, decoupled Nesterov SGD with a 64x
 lr on BatchNorm biases, lookahead, alternating flip, 6-view TTA) is airbench94's. ~4.99 PFLOPs;
 published mean 96.03%.
@@ -45,7 +45,7 @@ hyp = {
         'bias_scaler': 64.0,        # BatchNorm biases learn this much faster than the weights
         'label_smoothing': 0.2,     # regularizes the short, high-lr training
         'lr_warmup': 0.1,           # fraction of steps over which the lr ramps up...
-        'lr_start': 0.0,            # ...from this multiple of lr to 1.0...
+        'lr_start': 0.2,            # ...from this multiple of lr to 1.0...
         'lr_end': 0.0,              # ...and then falls linearly to this multiple at the last step
         'whiten_bias_epochs': 3,    # the whitening conv's bias trains this many epochs, then freezes
         'lookahead_every': 5,       # steps between lookahead (EMA) updates
