@@ -547,7 +547,7 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
                   from it, first replaying the finished epochs' reports. On a CPU, a resumed training
                   ends with the same weights, bit for bit, as an uninterrupted one.
     progress:     show a ProgressLine inside long epochs.
-    overrides:    any key of hyp['opt'], e.g. epochs=8, lr=10.0, label_smoothing=0, seed=0.
+    overrides:    any key of hyp['opt'], e.g. epochs=7, muon_lr=0.2, label_smoothing=0, seed=0.
     """
     unknown = set(overrides) - set(hyp['opt'])
     if unknown:
