@@ -718,10 +718,10 @@ def print_row(values):
     print('  '.join(cells), flush=True)
 
 
-def save_atomically(log, path):
-    """Write atomically: an interrupted run leaves the previous complete log, never half of one."""
+def save_atomically(obj, path):
+    """Write atomically: an interrupted run leaves the previous complete file, never half of one."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(log, path + '.tmp')
+    torch.save(obj, path + '.tmp')
     os.replace(path + '.tmp', path)
 
 

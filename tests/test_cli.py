@@ -30,7 +30,8 @@ def test_import_has_no_side_effects(name, tmp_path):
 def test_help_documents_every_flag(name, tmp_path):
     result = run_script(name, '--help', cwd=tmp_path)
     assert result.returncode == 0
-    for flag in ('--runs', '--epochs', '--seed', '--data-dir', '--tta-level', '--device', '--dtype', '--no-log'):
+    for flag in ('--runs', '--epochs', '--seed', '--data-dir', '--tta-level', '--device', '--dtype', '--no-log',
+                 '--checkpoint'):
         assert flag in result.stdout
 
 
