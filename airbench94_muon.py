@@ -606,7 +606,7 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
             outputs = net(inputs)
             loss = F.cross_entropy(outputs, labels, label_smoothing=opt['label_smoothing'], reduction='sum')
             loss.backward()
-            whiten_bias_group, *other_groups = sgd.param_groups + muon.param_groups
+            whiten_bias_group, *other_groups = sgd.param_groups + muon.param_groups  # fresh: a resume replaces them
             whiten_bias_group['lr'] = whiten_bias_group['initial_lr'] * max(0.0, 1 - step / whiten_bias_steps)
             for group in other_groups:
                 group['lr'] = group['initial_lr'] * (1 - step / total_steps)  # linear to 0, no warm-up
