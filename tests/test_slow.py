@@ -1,11 +1,11 @@
 """Slow tier (`pytest -m slow`): airbench94 trained on the real CIFAR-10, as long as the machine allows.
 
 A full airbench94 run takes about 9 minutes on 2 CPU cores with bf16 instructions (AVX-512 BF16)
-and about an hour on 2 cores without them (float32 on AVX2): with the fast tier beside it, more
-than CI's 90 minutes allow. So the test first times a few real training steps. If a full run fits
-in FULL_RUN_BUDGET_S it trains one and asks for 93.5% (published mean: 94.01%); otherwise it
-trains SHORT_EPOCHS epochs, same seed, and asks for SHORT_FLOOR, a floor set from runs measured
-here (see below). Either way the test prints which check it ran.
+and about an hour on 2 cores without them (float32 on AVX2): with the fast tier's ~20 minutes and
+the setup, too close to CI's 90. So the test first times a few real training steps. If a full
+run fits in FULL_RUN_BUDGET_S it trains one and asks for 93.5% (published mean: 94.01%);
+otherwise it trains SHORT_EPOCHS epochs, same seed, and asks for SHORT_FLOOR, a floor set from
+runs measured here (see below). Either way the test prints which check it ran.
 """
 import copy
 import time
