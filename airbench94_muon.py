@@ -274,6 +274,9 @@ class CifarLoader:
         data = load_cifar10(path, train)
         self.images = data['images'].to(self.device).permute(0, 3, 1, 2).float().div(255)
         self.labels = data['labels'].to(self.device)
+        # Made once: copying them to a GPU for every batch would make it wait for the host at every step.
+        self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)
         self.classes = data['classes']
         self.batch_size = batch_size
         self.drop_last = train if drop_last is None else drop_last
@@ -286,9 +289,7 @@ class CifarLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def normalize(self, images):
-        mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1)
-        return (images - mean) / std
+        return (images - self.mean) / self.std
 
     def augment(self, images, indices, epoch):
         # Augmenting each batch as it is drawn gives every image the same independent draws as

@@ -277,6 +277,9 @@ class CifarLoader:
         data = load_cifar10(path, train)
         self.images = data['images'].to(self.device).permute(0, 3, 1, 2).float().div(255)
         self.labels = data['labels'].to(self.device)
+        # Made once: copying them to a GPU for every batch would make it wait for the host at every step.
+        self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)
         self.classes = data['classes']
         self.batch_size = batch_size
         self.drop_last = train if drop_last is None else drop_last
@@ -289,9 +292,7 @@ class CifarLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def normalize(self, images):
-        mean = torch.tensor(CIFAR_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(CIFAR_STD, device=images.device).view(1, 3, 1, 1)
-        return (images - mean) / std
+        return (images - self.mean) / self.std
 
     def augment(self, images, indices, epoch):
         # Augmenting each batch as it is drawn gives every image the same independent draws as
@@ -483,20 +484,20 @@ class LookaheadState:
 
 
 def keep_highest_loss(losses, keep):
-    """The selection: a mask of the `keep` examples with the highest loss (the proxy keeps 512 of each 1024)."""
-    mask = torch.zeros_like(losses, dtype=torch.bool)
-    mask[losses.topk(keep).indices] = True
-    return mask
+    """The selection: the batch positions of the `keep` examples with the highest loss, in batch order
+    (the proxy keeps 512 of each 1024). Positions rather than a bool mask: a batch indexed by a mask
+    has a size only the GPU knows, so every step would wait for it."""
+    return losses.topk(keep).indices.sort().values
 
 
 def kept_per_batch(batch_size):
     return round(batch_size * hyp['proxy']['keep_fraction'])
 
 
-def proxy_masks(train_loader, opt, total_steps, dtype, progress_line=None):
+def proxy_selection(train_loader, opt, total_steps, dtype, progress_line=None):
     """Run the proxy over the data stream and return which examples of each step's batch the main
-    network trains on (a bool mask [total_steps, batch_size]). At every step the proxy scores the
-    batch by its loss and keeps the highest-loss half (hyp['proxy']['keep_fraction']); every
+    network trains on (batch positions, [total_steps, kept per batch]). At every step the proxy scores
+    the batch by its loss and keeps the highest-loss half (hyp['proxy']['keep_fraction']); every
     train_every-th step it also trains on them, with the main network's optimizer recipe over its own,
     fewer steps. Then it rewinds the stream (random state, epoch count), so that the main pass draws
     the same batches in the same order with the same augmentations."""
@@ -507,7 +508,7 @@ def proxy_masks(train_loader, opt, total_steps, dtype, progress_line=None):
     proxy_total_steps = math.ceil(total_steps / train_every)
     init_whitening_conv(proxy.whiten, train_loader.normalize(train_loader.images[:5000]))
     lookahead = LookaheadState(proxy)
-    masks = torch.zeros(total_steps, train_loader.batch_size, dtype=torch.bool, device=device)
+    kept = torch.zeros(total_steps, keep, dtype=torch.long, device=device)
     stream_start = get_rng_state(device)
     step = proxy_step = 0
     for epoch in range(math.ceil(opt['epochs'])):
@@ -517,10 +518,10 @@ def proxy_masks(train_loader, opt, total_steps, dtype, progress_line=None):
         for inputs, labels in train_loader:
             with torch.no_grad():
                 losses = F.cross_entropy(proxy(inputs), labels, label_smoothing=opt['label_smoothing'], reduction='none')
-            masks[step] = keep_highest_loss(losses, keep)
+            kept[step] = keep_highest_loss(losses, keep)
             if step % train_every == 0:
-                mask = masks[step]
-                loss = F.cross_entropy(proxy(inputs[mask]), labels[mask], label_smoothing=opt['label_smoothing'],
+                chosen = kept[step]
+                loss = F.cross_entropy(proxy(inputs[chosen]), labels[chosen], label_smoothing=opt['label_smoothing'],
                                        reduction='sum')
                 loss.backward()
                 for group in optimizer.param_groups:
@@ -541,7 +542,7 @@ def proxy_masks(train_loader, opt, total_steps, dtype, progress_line=None):
             progress_line.clear()
     set_rng_state(device, stream_start)
     train_loader.epoch = 0
-    return masks
+    return kept
 
 
 class ProgressLine:
@@ -638,7 +639,7 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
     history = []  # the report of every finished epoch, kept for the checkpoint
 
     def save_checkpoint():
-        save_atomically({**identity, 'masks': masks, 'net': net.state_dict(), 'optimizer': optimizer.state_dict(),
+        save_atomically({**identity, 'kept': kept, 'net': net.state_dict(), 'optimizer': optimizer.state_dict(),
                          'lookahead': lookahead.ema, 'loader_epoch': train_loader.epoch,
                          'flip_seed': train_loader.flip_seed, 'rng': get_rng_state(device),
                          'step': step, 'seconds': seconds, 'history': history}, checkpoint)
@@ -648,14 +649,14 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
     init_whitening_conv(net.whiten, train_loader.normalize(train_loader.images[:5000]))
     lookahead = LookaheadState(net)
     if saved is None:  # the proxy pass, then the main pass over the same stream
-        masks = proxy_masks(train_loader, opt, total_steps, dtype, proxy_progress_line)
+        kept = proxy_selection(train_loader, opt, total_steps, dtype, proxy_progress_line)
         synchronize(device)
         seconds = time.perf_counter() - start
         start = time.perf_counter()
         if checkpoint is not None:
             save_checkpoint()
     else:  # continue where the saved training stopped
-        masks = saved['masks'].to(device)
+        kept = saved['kept'].to(device)
         net.load_state_dict(saved['net'])
         optimizer.load_state_dict(saved['optimizer'])
         lookahead.ema = saved['lookahead']
@@ -675,7 +676,7 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
         loss_sum = correct = seen = 0
         net.train()
         for inputs, labels in train_loader:
-            inputs, labels = inputs[masks[step]], labels[masks[step]]  # the examples the proxy kept
+            inputs, labels = inputs[kept[step]], labels[kept[step]]  # the examples the proxy kept
             outputs = net(inputs)
             loss = F.cross_entropy(outputs, labels, label_smoothing=opt['label_smoothing'], reduction='sum')
             loss.backward()

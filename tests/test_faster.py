@@ -14,14 +14,13 @@ def faster(monkeypatch):
 
 def test_the_proxy_keeps_exactly_the_highest_loss_half(faster):
     losses = torch.tensor([0.3, 2.0, 0.1, 5.0, 1.0, 0.2, 4.0, 0.0])
-    mask = faster.keep_highest_loss(losses, keep=4)
-    assert mask.tolist() == [False, True, False, True, True, False, True, False]
+    assert faster.keep_highest_loss(losses, keep=4).tolist() == [1, 3, 4, 6]  # in batch order
     assert faster.kept_per_batch(1024) == 512
 
 
 def test_the_main_network_trains_on_the_kept_examples_of_the_same_stream(faster, tiny_data_dir, monkeypatch):
     loader = faster.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=faster.hyp['aug'], device='cpu')
-    stream, trained_on, masks = [], [], []
+    stream, trained_on, selections = [], [], []
     iterate = faster.CifarLoader.__iter__
 
     def recorded(self):
@@ -29,24 +28,24 @@ def test_the_main_network_trains_on_the_kept_examples_of_the_same_stream(faster,
             stream.append((inputs.clone(), labels.clone()))
             yield inputs, labels
     monkeypatch.setattr(faster.CifarLoader, '__iter__', recorded)
-    make_net, proxy_masks = faster.make_net, faster.proxy_masks
+    make_net, proxy_selection = faster.make_net, faster.proxy_selection
 
     def recorded_net(*args, **kwargs):
         net = make_net(*args, **kwargs)
         net.register_forward_hook(lambda module, inputs, output: trained_on.append(inputs[0].clone()))
         return net
     monkeypatch.setattr(faster, 'make_net', recorded_net)
-    monkeypatch.setattr(faster, 'proxy_masks', lambda *args: masks.append(proxy_masks(*args)) or masks[-1])
+    monkeypatch.setattr(faster, 'proxy_selection', lambda *args: selections.append(proxy_selection(*args)) or selections[-1])
     faster.train(loader, dtype=torch.float32, epochs=2.5, seed=0)  # 10 steps: the proxy pass, then the main one
 
     total = 10
     assert len(stream) == 2 * total and len(trained_on) == total
-    (masks,) = masks
-    assert masks.shape == (total, 64) and (masks.sum(1) == 32).all()
+    (kept,) = selections
+    assert kept.shape == (total, 32) and (kept.diff(dim=1) > 0).all()  # 32 distinct positions of 64 a step
     for step in range(total):
         (proxy_inputs, proxy_labels), (inputs, labels) = stream[step], stream[total + step]
         assert torch.equal(inputs, proxy_inputs) and torch.equal(labels, proxy_labels)  # same order and augmentations
-        assert torch.equal(trained_on[step], inputs[masks[step]])
+        assert torch.equal(trained_on[step], inputs[kept[step]])
 
 
 def test_the_proxy_trains_on_every_4th_step_only(faster, tiny_data_dir, monkeypatch):
@@ -55,9 +54,9 @@ def test_the_proxy_trains_on_every_4th_step_only(faster, tiny_data_dir, monkeypa
     steps = []
     sgd_step = torch.optim.SGD.step
     monkeypatch.setattr(torch.optim.SGD, 'step', lambda self, *a, **k: steps.append(1) or sgd_step(self, *a, **k))
-    masks = faster.proxy_masks(loader, opt, total_steps=10, dtype=torch.float32)
+    kept = faster.proxy_selection(loader, opt, total_steps=10, dtype=torch.float32)
     assert len(steps) == 3  # steps 0, 4 and 8 of 10
-    assert masks.shape == (10, 64)
+    assert kept.shape == (10, 32)
 
 
 def test_flops_count_the_proxy_too(faster, monkeypatch):

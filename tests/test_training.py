@@ -235,9 +235,9 @@ def test_on_epoch_start_hook_sees_every_epoch_and_can_change_the_options(script,
         epochs_seen.append(epoch)
         opt['label_smoothing'] = 0.1 * epoch
 
-    if hasattr(script, 'proxy_masks'):  # its proxy pass runs before the first epoch: keep every example, no calls
-        monkeypatch.setattr(script, 'proxy_masks', lambda loader, opt, total_steps, *args:
-                            torch.ones(total_steps, loader.batch_size, dtype=torch.bool))
+    if hasattr(script, 'proxy_selection'):  # its proxy pass runs before the first epoch: keep every example, no calls
+        monkeypatch.setattr(script, 'proxy_selection', lambda loader, opt, total_steps, *args:
+                            torch.arange(loader.batch_size).expand(total_steps, -1))
     script.train(train, dtype=torch.float32, epochs=3, seed=0, on_epoch_start=anneal)
     assert epochs_seen == [0, 1, 2]
     assert smoothing_used == pytest.approx([0.0] * 4 + [0.1] * 4 + [0.2] * 4)
