@@ -268,7 +268,7 @@ class CifarLoader:
         data = load_cifar10(path, train)
         self.images = data['images'].to(self.device).permute(0, 3, 1, 2).float().div(255)
         self.labels = data['labels'].to(self.device)
-        # Made once: copying them to a GPU for every batch would make it wait for the host at every step.
+        # Made once: a copy to the GPU at every batch would block, the host waiting for the GPU every step.
         self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)
         self.classes = data['classes']

@@ -277,7 +277,7 @@ class CifarLoader:
         data = load_cifar10(path, train)
         self.images = data['images'].to(self.device).permute(0, 3, 1, 2).float().div(255)
         self.labels = data['labels'].to(self.device)
-        # Made once: copying them to a GPU for every batch would make it wait for the host at every step.
+        # Made once: a copy to the GPU at every batch would block, the host waiting for the GPU every step.
         self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)
         self.classes = data['classes']
@@ -676,7 +676,8 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
         loss_sum = correct = seen = 0
         net.train()
         for inputs, labels in train_loader:
-            inputs, labels = inputs[kept[step]], labels[kept[step]]  # the examples the proxy kept
+            chosen = kept[step]  # the examples the proxy kept
+            inputs, labels = inputs[chosen], labels[chosen]
             outputs = net(inputs)
             loss = F.cross_entropy(outputs, labels, label_smoothing=opt['label_smoothing'], reduction='sum')
             loss.backward()
