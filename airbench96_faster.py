@@ -10,26 +10,13 @@ the 512 examples of the batch with the highest loss, and it trains on them every
 the main network runs over the same stream (same order and augmentations) and trains, at every
 step, on the 512 examples the proxy kept. The proxy's time counts in the run's time.
 
-Importing this file does nothing but define things: `hyp`, `CifarLoader`, `make_net`,
-`init_whitening_conv`, `keep_highest_loss`, `train`, `infer`, `evaluate` and `main` are its API
-(see README.md).
+The method comes first, in the order a reader learns it; the command line and bookkeeping (devices,
+data files, checkpoints, logs) follow at the end, the same in every script of the family. Importing
+this file only defines things: `hyp`, `CifarLoader`, `make_net`, `init_whitening_conv`,
+`keep_highest_loss`, `train`, `infer`, `evaluate` and `main` are its API (see README.md).
 """
-
-#############################################
-#                  Setup                    #
-#############################################
-
-import argparse
-import contextlib
-import ctypes
-import datetime
 import math
-import os
-import pickle
-import sys
-import tarfile
-import time
-import uuid
+import types
 
 import torch
 import torch.nn as nn
@@ -70,170 +57,12 @@ hyp = {
     },
 }
 
+#############################################
+#           Data and augmentation           #
+#############################################
+
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
-
-
-class AirbenchError(Exception):
-    """A problem the user can fix (bad flag, missing data, diverged run): main() prints the message
-    and exits without a traceback."""
-
-
-#############################################
-#          Device and precision policy      #
-#############################################
-
-def choose_device_and_dtype(device=None, dtype=None):
-    """The whole device/precision policy, in one place. Returns (torch.device, torch.dtype).
-
-    - CUDA: float16 weights and activations, BatchNorm kept in float32 (as published).
-    - CPU: float32 weights, matmuls and convs under bfloat16 autocast when the CPU has bf16
-      instructions (much faster than float32 there), else plain float32.
-    - MPS: float32 (half precision there is unverified).
-    `device` / `dtype` (strings or torch objects) override the automatic choice.
-    """
-    if device is None:
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise AirbenchError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps")
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise AirbenchError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
-    if device.type == 'mps' and not torch.backends.mps.is_available():
-        raise AirbenchError("device 'mps' was asked for, but this PyTorch has no MPS backend; use --device cpu")
-    if device.type not in ('cpu', 'cuda', 'mps'):
-        raise AirbenchError(f"unsupported device {str(device)!r}: use cpu, cuda, cuda:N or mps")
-    if dtype is None:
-        cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        dtype = {'cuda': torch.float16, 'mps': torch.float32,
-                 'cpu': torch.bfloat16 if cpu_bf16 else torch.float32}[device.type]
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise AirbenchError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise AirbenchError(f"unsupported dtype {dtype}: use one of {', '.join(DTYPES)}")
-    return device, dtype
-
-
-def precision_problem(device, dtype):
-    """Why `dtype` cannot train on `device` here (a message naming what works), or None if it can.
-    The command line refuses such a choice before any work; train() itself accepts any dtype, so the
-    CUDA precision (float16) can be exercised on a CPU in tests."""
-    cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    works_on_cpu = 'bfloat16 (this CPU has bf16 instructions) or float32' if cpu_bf16 else 'float32'
-    if device.type == 'cpu' and dtype == torch.float16:
-        return f"--dtype float16 is for CUDA GPUs; on the CPU use {works_on_cpu}"
-    if device.type == 'cpu' and dtype == torch.bfloat16 and not cpu_bf16:
-        return "this CPU has no bf16 instructions, so bfloat16 would be emulated and many times slower; use float32"
-    if device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        return "this GPU has no bfloat16 support; use float16 or float32"
-    return None
-
-
-def tune_process_for(device):
-    """Process-wide speedups, applied by main() only (never on import)."""
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # pick the fastest conv kernels for our fixed shapes
-    if device.type == 'cpu' and sys.platform.startswith('linux'):
-        # glibc hands freed large blocks back to the OS, so every step would page-fault its
-        # ~1 GB of activations back in: about a third of a CPU step. Keep freed memory instead.
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL('libc.so.6')
-            libc.mallopt(-4, 0)           # M_MMAP_MAX = 0: serve large blocks from the heap
-            libc.mallopt(-1, 2**31 - 1)   # M_TRIM_THRESHOLD: never shrink the heap
-
-
-def synchronize(device):
-    """Wait for queued GPU work, so that wall-clock time measures it."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    elif device.type == 'mps':
-        torch.mps.synchronize()
-
-
-#############################################
-#                DataLoader                 #
-#############################################
-
-CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
-CIFAR10_ARCHIVE = 'cifar-10-python.tar.gz'  # the official "python version", read without network
-CIFAR10_MD5 = 'c58f30108f718f92721af3b95e74349a'
-
-
-def default_data_dir():
-    return os.environ.get('AIRBENCH_DATA', './cifar10')
-
-
-def load_cifar10(data_dir, train=True):
-    """Return {'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes': [10 names]} for one split,
-    from <data_dir>/{train,test}.pt. If absent, both are written from the official archive
-    <data_dir>/cifar-10-python.tar.gz, which is downloaded first if it is not there either."""
-    split = 'train' if train else 'test'
-    path = os.path.join(data_dir, split + '.pt')
-    fix = (f"Fix: point --data-dir (or AIRBENCH_DATA) at a directory holding train.pt and test.pt, or, "
-           f"without network, put the official {CIFAR10_ARCHIVE} ({CIFAR10_URL}) in {data_dir}.")
-    if not os.path.exists(path):
-        archive = os.path.join(data_dir, CIFAR10_ARCHIVE)
-        if not os.path.exists(archive):
-            download_cifar10(data_dir, fix)
-        write_cache_from_archive(archive, data_dir, fix)
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise AirbenchError(f"cannot read {path} ({type(e).__name__}: {e}). It may be corrupted or "
-                            f"unreadable; delete it to write it again. {fix}") from None
-    images, labels = (data.get('images'), data.get('labels')) if isinstance(data, dict) else (None, None)
-    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4
-            and images.shape[1:] == (32, 32, 3) and len(images) > 0
-            and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
-            and 0 <= labels.min() and labels.max() <= 9):
-        raise AirbenchError(f"{path} is not a CIFAR-10 {split} cache: expected a dict with 'images' "
-                            f"(uint8 [N,32,32,3]) and 'labels' (int64 [N], values 0-9). "
-                            f"Delete it to write it again. {fix}")
-    return {'images': images, 'labels': labels, 'classes': data.get('classes')}
-
-
-def download_cifar10(data_dir, fix):
-    """Fetch the official archive into data_dir (checked against its published MD5)."""
-    try:
-        from torchvision.datasets.utils import download_url
-        download_url(CIFAR10_URL, data_dir, CIFAR10_ARCHIVE, CIFAR10_MD5)
-    except Exception as e:
-        raise AirbenchError(f"CIFAR-10 is not in {data_dir} and downloading it failed "
-                            f"({type(e).__name__}: {e}). {fix}") from None
-
-
-def write_cache_from_archive(archive, data_dir, fix):
-    """Write <data_dir>/train.pt and test.pt (atomically) from the official archive's pickled batches."""
-    try:
-        with tarfile.open(archive) as tar:
-            def unpickle(name):
-                return pickle.load(tar.extractfile('cifar-10-batches-py/' + name), encoding='bytes')
-            classes = [name.decode() for name in unpickle('batches.meta')[b'label_names']]
-            for split, batches in (('train', [f'data_batch_{i}' for i in range(1, 6)]), ('test', ['test_batch'])):
-                batches = [unpickle(name) for name in batches]
-                images = torch.cat([torch.as_tensor(b[b'data'], dtype=torch.uint8) for b in batches])
-                labels = torch.cat([torch.as_tensor(b[b'labels'], dtype=torch.int64) for b in batches])
-                data = {'images': images.reshape(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous(),
-                        'labels': labels, 'classes': classes}
-                save_atomically(data, os.path.join(data_dir, split + '.pt'))
-    except Exception as e:
-        raise AirbenchError(f"cannot read {archive} as the CIFAR-10 python archive "
-                            f"({type(e).__name__}: {e}). {fix}") from None
-
-
-def alternating_flip_mask(indices, epoch, seed):
-    """Which of the images `indices` to flip in `epoch`: image i is flipped iff (b_i + epoch) is even,
-    with b_i a pseudorandom bit of (i, seed). So epoch 0 flips a random half, and every later epoch
-    flips exactly the images the one before did not."""
-    x = (indices.long() + seed * 0x9E3779B9) & 0xFFFFFFFF  # a 32-bit integer hash of (i, seed)
-    for _ in range(2):
-        x = ((x >> 16) ^ x) * 0x45D9F3B & 0xFFFFFFFF
-    bits = (x >> 16) ^ x
-    return (bits + epoch) % 2 == 0
 
 
 def batch_translate(images, r):
@@ -264,28 +93,22 @@ class CifarLoader:
     `images` (float [N,3,32,32] in [0,1]) and `labels` (int64 [N]) may be replaced, e.g. by a
     subset, before iterating. `aug` keys: flip (bool), translate (pixels), cutout (square size).
     """
-    AUGMENTATIONS = ('flip', 'translate', 'cutout')
 
     def __init__(self, path, train=True, batch_size=500, aug=None, drop_last=None, shuffle=None, device=None):
         self.aug = dict(aug or {})
-        unknown = set(self.aug) - set(self.AUGMENTATIONS)
-        if unknown:
-            raise AirbenchError(f"unknown augmentation(s) {sorted(unknown)}: use {', '.join(self.AUGMENTATIONS)}")
-        if batch_size < 1:
-            raise AirbenchError(f"batch_size must be at least 1, got {batch_size}")
+        unknown = sorted(set(self.aug) - {'flip', 'translate', 'cutout'})
+        check(not unknown, f"unknown augmentation(s) {unknown}: use flip, translate, cutout")
+        check(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
         self.device = choose_device_and_dtype(device)[0]
         data = load_cifar10(path, train)
         self.images = data['images'].to(self.device).permute(0, 3, 1, 2).float().div(255)
-        self.labels = data['labels'].to(self.device)
-        # Made once: a copy to the GPU at every batch would block, the host waiting for the GPU every step.
-        self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)
-        self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)
-        self.classes = data['classes']
+        self.labels, self.classes = data['labels'].to(self.device), data['classes']
+        self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)  # made once, not per batch:
+        self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)    # a copy to the GPU would block
         self.batch_size = batch_size
         self.drop_last = train if drop_last is None else drop_last
         self.shuffle = train if shuffle is None else shuffle
-        self.epoch = 0       # counts passes, for the alternating flip
-        self.flip_seed = 0   # redrawn at epoch 0 (train() resets the epoch for every training)
+        self.epoch = 0  # passes so far; train() sets it to 0 for a fresh flip pattern
 
     def __len__(self):
         n = len(self.images)
@@ -294,11 +117,23 @@ class CifarLoader:
     def normalize(self, images):
         return (images - self.mean) / self.std
 
-    def augment(self, images, indices, epoch):
+    def __iter__(self):
+        check(len(self.images) == len(self.labels),
+              f"loader has {len(self.images)} images but {len(self.labels)} labels")
+        if self.epoch == 0:  # alternating flip: a random half of the images is flipped in the first epoch...
+            self.flipped = torch.rand(len(self.images), device=self.device) < 0.5
+        flip = self.flipped ^ (self.epoch % 2 == 1)  # ...and every image is flipped the other way in odd epochs
+        self.epoch += 1
+        order = torch.randperm(len(self.images), device=self.device) if self.shuffle else torch.arange(
+            len(self.images), device=self.device)
+        for i in range(len(self)):
+            indices = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.augment(self.normalize(self.images[indices]), flip[indices]), self.labels[indices]
+
+    def augment(self, images, flip):
         # Augmenting each batch as it is drawn gives every image the same independent draws as
         # augmenting the whole epoch up front, with no epoch-sized temporaries.
         if self.aug.get('flip'):
-            flip = alternating_flip_mask(indices, epoch, self.flip_seed)
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.aug.get('translate'):
             images = batch_translate(images, self.aug['translate'])
@@ -306,23 +141,10 @@ class CifarLoader:
             images = batch_cutout(images, self.aug['cutout'])
         return images
 
-    def __iter__(self):
-        if len(self.images) != len(self.labels):
-            raise AirbenchError(f"loader has {len(self.images)} images but {len(self.labels)} labels")
-        epoch, self.epoch = self.epoch, self.epoch + 1  # counted at the start: a pass cut short still counts
-        if epoch == 0:
-            self.flip_seed = int(torch.randint(2**31, ()))
-        n = len(self.images)
-        order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
-        for i in range(len(self)):
-            indices = order[i * self.batch_size:(i + 1) * self.batch_size]
-            images = self.normalize(self.images[indices])
-            yield self.augment(images, indices, epoch), self.labels[indices]
-
-
 #############################################
-#            Network Components             #
+#                 Network                   #
 #############################################
+
 
 class BatchNorm(nn.BatchNorm2d):
     """BatchNorm with its scale fixed at 1 (only the bias trains) and paper-convention momentum."""
@@ -381,25 +203,10 @@ class Net(nn.Module):
         )
         self.head = nn.Linear(widths['block3'], 10, bias=False)
         self.scaling_factor = scaling_factor
-        self.autocast_dtype = None  # set by set_precision
-
-    def set_precision(self, dtype):
-        """float16: half weights, float32 BatchNorm (as published). bfloat16: float32 weights under
-        bf16 autocast (bf16 weights would round away the small updates). float32: plain."""
-        self.float()
-        if dtype == torch.float16:
-            self.half()
-            for module in self.modules():
-                if isinstance(module, nn.BatchNorm2d):
-                    module.float()
-        self.autocast_dtype = dtype if dtype == torch.bfloat16 else None
-        return self
 
     def forward(self, x):
-        x = x.to(self.whiten.weight.dtype, memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.autocast_dtype is not None):
-            logits = self.head(self.layers(self.whiten(x)))
-        return logits.float() * self.scaling_factor
+        logits = self.head(self.layers(self.whiten(x)))
+        return logits.float() * self.scaling_factor  # scaled in float32, whatever precision computed them
 
 
 def make_net(widths=None, batchnorm_momentum=None):
@@ -414,10 +221,10 @@ def make_proxy():
     return Net(hyp['proxy']['widths'], hyp['net']['batchnorm_momentum'], hyp['net']['scaling_factor'],
                residual=False).to(memory_format=torch.channels_last)
 
+#############################################
+#       Whitening conv initialization       #
+#############################################
 
-#############################################
-#       Whitening Conv Initialization       #
-#############################################
 
 def get_patches(images, patch_size):
     """All patch_size x patch_size patches of images [N,C,H,W], flattened to rows of C*k*k."""
@@ -439,22 +246,28 @@ def init_whitening_conv(layer, images, eps=5e-4):
     filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, images.shape[1], k, k)
     layer.weight.copy_(torch.cat([filters, -filters]))
 
+#############################################
+#     Optimizer, lr schedule, lookahead     #
+#############################################
 
-#############################################
-#                Training                   #
-#############################################
 
 def lr_multiplier(step, total_steps, warmup, start, end):
-    """Piecewise-linear lr schedule: start -> 1 over the first `warmup` fraction, then 1 -> end."""
-    warmup_steps = warmup * total_steps
+    """Piecewise-linear lr schedule: start -> 1 over the first int(warmup * total_steps) steps, then 1 -> end."""
+    warmup_steps = int(warmup * total_steps)
     if step < warmup_steps:
         return start + (1 - start) * step / warmup_steps
     return 1 + (end - 1) * (step - warmup_steps) / (total_steps - warmup_steps)
 
 
 def make_optimizer(net, opt, batch_size):
-    """Nesterov SGD, parameterized so that lr, momentum and weight decay tune independently:
-    lr and decay are given per 1024 examples and divided by the effective step size of momentum."""
+    """Nesterov SGD, parameterized so that lr, momentum and weight decay tune independently.
+
+    The loss is summed over the batch, so its gradient grows with the batch size; and momentum keeps
+    applying each gradient, for a total step of (1 + 1/(1 - momentum)) times its first (the momentum
+    scale). So lr is given per 1024 examples and divided by 1024 times the momentum scale: changing
+    the batch size or the momentum leaves the step per example as it was. Weight decay is given as
+    the total decay per 1024 examples, lr * wd in PyTorch's terms, so changing lr leaves it alone.
+    """
     kilostep_scale = 1024 * (1 + 1 / (1 - opt['momentum']))
     lr = opt['lr'] / kilostep_scale                            # per step
     decay = opt['weight_decay'] * batch_size / kilostep_scale  # total decay per step, lr * wd
@@ -482,6 +295,10 @@ class LookaheadState:
                 self.ema[k].lerp_(v.float(), 1 - decay)
                 v.copy_(self.ema[k])
 
+#############################################
+#     Data selection by a small proxy       #
+#############################################
+
 
 def keep_highest_loss(losses, keep):
     """The selection: the batch positions of the `keep` examples with the highest loss, in batch order
@@ -494,28 +311,26 @@ def kept_per_batch(batch_size):
     return round(batch_size * hyp['proxy']['keep_fraction'])
 
 
-def proxy_selection(train_loader, opt, total_steps, dtype, progress_line=None):
+def proxy_selection(train_loader, opt, total_steps, dtype, books):
     """Run the proxy over the data stream and return which examples of each step's batch the main
     network trains on (batch positions, [total_steps, kept per batch]). At every step the proxy scores
     the batch by its loss and keeps the highest-loss half (hyp['proxy']['keep_fraction']); every
     train_every-th step it also trains on them, with the main network's optimizer recipe over its own,
     fewer steps. Then it rewinds the stream (random state, epoch count), so that the main pass draws
-    the same batches in the same order with the same augmentations."""
+    the same batches in the same order with the same augmentations. `books`: the training's Bookkeeper."""
     device = train_loader.device
     keep, train_every = kept_per_batch(train_loader.batch_size), hyp['proxy']['train_every']
-    proxy = make_proxy().to(device).set_precision(dtype)
+    proxy = set_precision(make_proxy().to(device), dtype)
     optimizer = make_optimizer(proxy, opt, keep)
     proxy_total_steps = math.ceil(total_steps / train_every)
     init_whitening_conv(proxy.whiten, train_loader.normalize(train_loader.images[:5000]))
     lookahead = LookaheadState(proxy)
     kept = torch.zeros(total_steps, keep, dtype=torch.long, device=device)
-    stream_start = get_rng_state(device)
+    stream_start = random_state(device)
     step = proxy_step = 0
     for epoch in range(math.ceil(opt['epochs'])):
         proxy.whiten.bias.requires_grad = epoch < opt['whiten_bias_epochs']
-        if progress_line is not None:
-            progress_line.start_epoch(epoch, step)
-        for inputs, labels in train_loader:
+        for inputs, labels in books.batches(train_loader, step, label=f'proxy epoch {epoch + 1}'):
             with torch.no_grad():
                 losses = F.cross_entropy(proxy(inputs), labels, label_smoothing=opt['label_smoothing'], reduction='none')
             kept[step] = keep_highest_loss(losses, keep)
@@ -534,59 +349,13 @@ def proxy_selection(train_loader, opt, total_steps, dtype, progress_line=None):
                     lookahead.update(proxy, decay=opt['lookahead_decay'] ** opt['lookahead_every']
                                      * (proxy_step / proxy_total_steps) ** 3)
             step += 1
-            if progress_line is not None:
-                progress_line.update(step)
-            if step == total_steps:
-                break
-        if progress_line is not None:
-            progress_line.clear()
-    set_rng_state(device, stream_start)
+    random_state(device, stream_start)
     train_loader.epoch = 0
     return kept
 
-
-class ProgressLine:
-    """Step, seconds per step and time left, inside epochs long enough to wait for (CPU runs): rewritten
-    in place on a terminal, one line every ~10% of an epoch in a log file. Written to stderr."""
-    min_epoch_seconds = 30  # shorter epochs (any GPU run) show only their table row
-
-    def __init__(self, steps_per_epoch, total_steps, stream=None, name='epoch'):
-        self.steps_per_epoch, self.total_steps, self.name = steps_per_epoch, total_steps, name
-        self.stream = stream or sys.stderr
-        self.in_place = self.stream.isatty()
-        self.shown = False
-
-    def start_epoch(self, epoch, step):
-        self.epoch, self.first_step, self.last_tenth = epoch, step, -1
-        self.epoch_steps = min(self.steps_per_epoch, self.total_steps - step)
-        self.start = time.perf_counter()
-
-    def update(self, step):
-        done = step - self.first_step
-        seconds_per_step = (time.perf_counter() - self.start) / done
-        tenth = 10 * done // self.epoch_steps
-        if seconds_per_step * self.epoch_steps < self.min_epoch_seconds or (tenth == self.last_tenth and not self.in_place):
-            return
-        self.last_tenth = tenth
-        line = (f'{self.name} {self.epoch + 1} step {done}/{self.epoch_steps}  {seconds_per_step:.2f} s/step  '
-                f'{format_duration(seconds_per_step * (self.epoch_steps - done))} left in the epoch, '
-                f'{format_duration(seconds_per_step * (self.total_steps - step))} in the training')
-        self.stream.write('\r' + line + '\x1b[K' if self.in_place else line + '\n')
-        self.stream.flush()
-        self.shown = self.in_place
-
-    def clear(self):
-        """Erase the in-place line, so that the epoch's table row takes its place."""
-        if self.shown:
-            self.stream.write('\r\x1b[K')
-            self.stream.flush()
-            self.shown = False
-
-
-def format_duration(seconds):
-    minutes, seconds = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s' if minutes else f'{seconds}s'
+#############################################
+#                Training                   #
+#############################################
 
 
 def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_epoch_start=None, checkpoint=None,
@@ -601,83 +370,35 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
                   seconds (cumulative training time, GPU-synchronized, evaluation excluded).
     on_epoch_start: called as on_epoch_start(epoch, net, optimizer, opt) before each epoch (0-based);
                   it may change `opt` (read at every step) or the optimizer: the hook for experiments.
-    checkpoint:   a file path: the training state is saved there (atomically) after every epoch, and a
-                  training that finds one there (same options, data size, device and dtype) continues
-                  from it, first replaying the finished epochs' reports. On a CPU, a resumed training
-                  ends with the same weights, bit for bit, as an uninterrupted one.
-    progress:     show a ProgressLine inside long epochs.
+    checkpoint:   a path: the training state is saved there after every epoch, and a training that
+                  finds one there continues from it (bit for bit on a CPU), replaying its epochs' reports.
+    progress:     show a progress line inside long epochs.
     overrides:    any key of hyp['opt'], e.g. epochs=8, lr=10.0, label_smoothing=0, seed=0.
     """
-    unknown = set(overrides) - set(hyp['opt'])
-    if unknown:
-        raise AirbenchError(f"unknown training option(s) {sorted(unknown)}; known: {', '.join(hyp['opt'])}")
-    opt = {**hyp['opt'], **overrides}
-    if not opt['epochs'] > 0:
-        raise AirbenchError(f"epochs must be positive, got {opt['epochs']}")
-    if opt['seed'] is not None:
-        torch.manual_seed(opt['seed'])
+    opt = Bookkeeper.options(overrides)
     if train_loader is None:
-        train_loader = CifarLoader(default_data_dir(), train=True, batch_size=opt['batch_size'], aug=hyp['aug'])
+        train_loader = CifarLoader(default_data_dir(), batch_size=opt['batch_size'], aug=hyp['aug'])
     device, dtype = choose_device_and_dtype(train_loader.device, dtype)
-    if len(train_loader) == 0:
-        raise AirbenchError(f"the training set ({len(train_loader.images)} images) is smaller than one batch "
-                            f"({train_loader.batch_size})")
     train_loader.epoch = 0  # a fresh alternating-flip pattern for every training
-    steps_per_epoch = len(train_loader)
-    total_steps = math.ceil(opt['epochs'] * steps_per_epoch)
-    identity = {**opt, 'widths': hyp['net']['widths'], 'proxy': hyp['proxy'], 'train_images': len(train_loader.images),
-                'device': device.type, 'dtype': str(dtype)}
-    checkpoint = None if checkpoint is None else os.path.abspath(checkpoint)  # any path-like, even a bare name
-    saved = load_checkpoint(checkpoint, identity) if checkpoint and os.path.exists(checkpoint) else None
-    progress_line = ProgressLine(steps_per_epoch, total_steps) if progress else None
-    proxy_progress_line = ProgressLine(steps_per_epoch, total_steps, name='proxy epoch') if progress else None
-
-    net = make_net().to(device).set_precision(dtype)
+    total_steps = math.ceil(opt['epochs'] * len(train_loader))
+    net = set_precision(make_net().to(device), dtype)
     optimizer = make_optimizer(net, opt, kept_per_batch(train_loader.batch_size))
-    step = 0
-    seconds = 0.0
-    history = []  # the report of every finished epoch, kept for the checkpoint
 
-    def save_checkpoint():
-        save_atomically({**identity, 'kept': kept, 'net': net.state_dict(), 'optimizer': optimizer.state_dict(),
-                         'lookahead': lookahead.ema, 'loader_epoch': train_loader.epoch,
-                         'flip_seed': train_loader.flip_seed, 'rng': get_rng_state(device),
-                         'step': step, 'seconds': seconds, 'history': history}, checkpoint)
-
-    synchronize(device)
-    start = time.perf_counter()
+    books = Bookkeeper(train_loader, dtype, opt, report, checkpoint, progress)  # the clock starts here
     init_whitening_conv(net.whiten, train_loader.normalize(train_loader.images[:5000]))
     lookahead = LookaheadState(net)
-    if saved is None:  # the proxy pass, then the main pass over the same stream
-        kept = proxy_selection(train_loader, opt, total_steps, dtype, proxy_progress_line)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        if checkpoint is not None:
-            save_checkpoint()
-    else:  # continue where the saved training stopped
-        kept = saved['kept'].to(device)
-        net.load_state_dict(saved['net'])
-        optimizer.load_state_dict(saved['optimizer'])
-        lookahead.ema = saved['lookahead']
-        train_loader.epoch, train_loader.flip_seed = saved['loader_epoch'], saved['flip_seed']
-        set_rng_state(device, saved['rng'])
-        step, seconds, history = saved['step'], saved['seconds'], saved['history']
-        for row in history if report is not None else ():
-            report(row)
-        synchronize(device)
-        start = time.perf_counter()
-    for epoch in range(len(history), math.ceil(opt['epochs'])):
+    selection = types.SimpleNamespace(kept=None)  # of each step's batch, the examples the main network trains on
+    step = books.resume(net=net, optimizer=optimizer, lookahead=lookahead, loader=train_loader, selection=selection)
+    if selection.kept is None:  # the proxy pass first (unless a checkpoint has it), then the main pass
+        selection.kept = proxy_selection(train_loader, opt, total_steps, dtype, books)
+        books.save(step)
+    for epoch in range(len(books.history), math.ceil(opt['epochs'])):  # a resumed training skips its finished epochs
         net.whiten.bias.requires_grad = epoch < opt['whiten_bias_epochs']
         if on_epoch_start is not None:
             on_epoch_start(epoch, net, optimizer, opt)
-        if progress_line is not None:
-            progress_line.start_epoch(epoch, step)
-        loss_sum = correct = seen = 0
         net.train()
-        for inputs, labels in train_loader:
-            chosen = kept[step]  # the examples the proxy kept
-            inputs, labels = inputs[chosen], labels[chosen]
+        for inputs, labels in books.batches(train_loader, step):
+            inputs, labels = inputs[selection.kept[step]], labels[selection.kept[step]]  # the examples the proxy kept
             outputs = net(inputs)
             loss = F.cross_entropy(outputs, labels, label_smoothing=opt['label_smoothing'], reduction='sum')
             loss.backward()
@@ -688,69 +409,20 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % opt['lookahead_every'] == 0:
-                lookahead.update(net, decay=opt['lookahead_decay'] ** opt['lookahead_every'] * (step / total_steps) ** 3)
-            loss_sum = loss_sum + loss.detach()
-            correct = correct + (outputs.argmax(1) == labels).sum()
-            seen += len(labels)
-            if progress_line is not None:
-                progress_line.update(step)
-            if step == total_steps:
-                break
+                decay = opt['lookahead_decay'] ** opt['lookahead_every'] * (step / total_steps) ** 3
+                lookahead.update(net, decay)
+            books.count(loss, outputs, labels)
         if step == total_steps:
             lookahead.update(net, decay=1.0)  # end on the averaged weights
-        synchronize(device)
-        seconds += time.perf_counter() - start
-        if progress_line is not None:
-            progress_line.clear()
-        if not torch.isfinite(loss_sum):
-            raise AirbenchError(f"the training loss became {float(loss_sum)} in epoch {epoch + 1}; "
-                                f"training diverged (try a lower lr, or float32 with --dtype float32)")
-        history.append({'epoch': epoch + 1, 'train_loss': float(loss_sum) / seen, 'train_acc': float(correct) / seen,
-                        'val_acc': evaluate(net, test_loader, tta_level=0) if test_loader is not None else None,
-                        'seconds': seconds})
-        if checkpoint is not None:
-            save_checkpoint()
-        if report is not None:
-            report(history[-1])
-        synchronize(device)
-        start = time.perf_counter()
+        books.end_epoch(net, test_loader, step)
     return net
 
-
-def get_rng_state(device):
-    """Every random state the training draws from: the CPU's, and the GPU's where the data lives there."""
-    state = {'cpu': torch.get_rng_state()}
-    if device.type == 'cuda':
-        state['cuda'] = torch.cuda.get_rng_state(device)
-    if device.type == 'mps':
-        state['mps'] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(device, state):
-    torch.set_rng_state(state['cpu'])
-    if device.type == 'cuda':
-        torch.cuda.set_rng_state(state['cuda'], device)
-    if device.type == 'mps':
-        torch.mps.set_rng_state(state['mps'])
-
-
-def load_checkpoint(path, identity):
-    """The training state saved at `path`, after checking it was saved by the same training."""
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise AirbenchError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); delete it to start over") from None
-    differences = [f"{key}: {state.get(key)} there, {value} here" for key, value in identity.items() if state.get(key) != value]
-    if differences:
-        raise AirbenchError(f"the checkpoint {path} was saved by another training ({'; '.join(differences)}); "
-                            f"use the flags it was saved with, or delete it to start over")
-    return state
-
-
 #############################################
-#          Evaluation (with TTA)            #
+#      Test-time augmentation (TTA)         #
 #############################################
+
+TTA_VIEWS = {0: 1, 1: 2, 2: 6}  # views per image at each tta_level
+
 
 def tta_logits(net, images, tta_level):
     """Level 0: one view. 1: mean with the mirror. 2: half that, plus a quarter each of the same
@@ -771,8 +443,7 @@ def tta_logits(net, images, tta_level):
 def infer(net, loader, tta_level=None, batch_size=2000):
     """Logits [N,10] for every image of `loader`, in its stored order (no augmentation, no shuffle)."""
     tta_level = hyp['net']['tta_level'] if tta_level is None else tta_level
-    if tta_level not in (0, 1, 2):
-        raise AirbenchError(f"tta_level must be 0, 1 or 2, got {tta_level}")
+    check(tta_level in TTA_VIEWS, f"tta_level must be one of {sorted(TTA_VIEWS)}, got {tta_level}")
     was_training = net.training
     net.eval()
     images = loader.images
@@ -786,10 +457,12 @@ def evaluate(net, loader, tta_level=None):
     """Accuracy (a float in [0, 1]) of `net` on every image of `loader`."""
     return (infer(net, loader, tta_level).argmax(1) == loader.labels).float().mean().item()
 
+#############################################
+#   This script's part of the bookkeeping   #
+#############################################
 
-#############################################
-#            FLOP and size counts           #
-#############################################
+GPU_RUNS = 5  # trainings per command on a GPU (1 on a CPU)
+
 
 def count_flops(total_steps, batch_size, test_images, tta_level):
     """(training FLOPs, evaluation FLOPs) of a run, counted by torch.utils.flop_counter on one real
@@ -809,157 +482,395 @@ def count_flops(total_steps, batch_size, test_images, tta_level):
     (net_train, net_forward), (proxy_train, proxy_forward) = flops_per_image(make_net()), flops_per_image(make_proxy())
     keep, train_every = kept_per_batch(batch_size), hyp['proxy']['train_every']
     proxy_flops = proxy_forward * batch_size * total_steps + proxy_train * keep * math.ceil(total_steps / train_every)
-    views = {0: 1, 1: 2, 2: 6}[tta_level]
-    return net_train * keep * total_steps + proxy_flops, net_forward * views * test_images
+    return net_train * keep * total_steps + proxy_flops, net_forward * TTA_VIEWS[tta_level] * test_images
 
 
-def count_parameters(net):
-    return sum(p.numel() for p in net.parameters())
-
+def warm_up(args, train_loader, test_loader):
+    """An untimed training first on a GPU: cudnn's autotuning and lazy initialization stay out of the timings."""
+    if args.device.type == 'cuda':
+        train(train_loader, test_loader, dtype=args.dtype, epochs=args.epochs)
 
 #############################################
-#                  Main                     #
+#       Command line and bookkeeping        #
 #############################################
+# The same, byte for byte, in every script of the family: edit it in airbench94.py, then carry it to the
+# others with `python tests/sync_bookkeeping.py` (tests/test_bookkeeping.py fails while a copy differs).
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--runs', type=int, default=None,
-                        help='trainings to run (default: 5 on a GPU; 1 on a CPU)')
-    parser.add_argument('--epochs', type=float, default=hyp['opt']['epochs'], help='training length (may be fractional) (default: %(default)s)')
-    parser.add_argument('--seed', type=int, default=None,
-                        help='seed of the first run (run i uses seed+i); same seed, device and dtype, same result')
-    parser.add_argument('--data-dir', default=default_data_dir(),
-                        help='directory with train.pt/test.pt, or with the official cifar-10-python.tar.gz to write them from '
-                             '(downloaded there if absent; env AIRBENCH_DATA) (default: %(default)s)')
-    parser.add_argument('--tta-level', type=int, default=hyp['net']['tta_level'], choices=(0, 1, 2),
-                        help='test-time augmentation: 0 one view, 1 +mirror, 2 +shifts (6 views) (default: %(default)s)')
-    parser.add_argument('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best available)')
-    parser.add_argument('--dtype', default=None, choices=tuple(DTYPES),
-                        help='compute precision (default: float16 on CUDA, bfloat16 on bf16-capable CPUs)')
-    parser.add_argument('--no-log', action='store_true', help='do not write logs/<run id>/log.pt')
-    parser.add_argument('--checkpoint', metavar='PATH',
-                        help='save the training state to PATH after every epoch; the same command run again '
-                             'continues from it (for long CPU runs; one run only)')
-    args = parser.parse_args(argv)
-    if args.runs is not None and args.runs < 1:
-        parser.error(f'--runs must be at least 1, got {args.runs}')
-    if args.checkpoint is not None:
-        if args.runs not in (None, 1):
-            parser.error(f'--checkpoint keeps one training: use it with --runs 1, not {args.runs}')
-        args.runs = 1
-    if not args.epochs > 0 or math.isinf(args.epochs):
-        parser.error(f'--epochs must be a positive number, got {args.epochs}')
-    try:
-        args.device, args.dtype = choose_device_and_dtype(args.device, args.dtype)
-    except AirbenchError as e:
-        parser.error(str(e))
-    problem = precision_problem(args.device, args.dtype)
-    if problem:
-        parser.error(problem)
-    if args.runs is None:
-        args.runs = 5 if args.device.type == 'cuda' else 1
-    return args
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import itertools  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import time  # noqa: E402
 
-
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 COLUMNS = ('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'seconds')
 
 
-def print_row(values):
-    cells = []
-    for name, value in zip(COLUMNS, values):
-        if isinstance(value, float):
-            value = f'{value:.4f}' if name != 'seconds' else f'{value:.2f}'
-        cells.append(f"{'' if value is None else value:>{len(name)}}")
-    print('  '.join(cells), flush=True)
+class AirbenchError(Exception):
+    """A problem the user can fix (bad flag, missing data, diverged run): main() prints it, no traceback."""
+
+
+def check(condition, message):
+    if not condition:
+        raise AirbenchError(message)
+
+
+def cpu_has_bf16():
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def choose_device_and_dtype(device=None, dtype=None):
+    """The device and precision policy: float16 on CUDA (BatchNorm in float32, as published), bfloat16
+    autocast on a CPU with bf16 instructions, float32 elsewhere. Returns (torch.device, torch.dtype)."""
+    available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
+    try:
+        device = torch.device(device or next(kind for kind, present in available.items() if present))
+    except (RuntimeError, TypeError):
+        raise AirbenchError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    check(available.get(device.type), f"device {str(device)!r} was asked for, but PyTorch sees none here (no CUDA "
+          f"GPU, no MPS backend, or a kind these scripts do not support); use --device cpu")
+    if dtype is None:
+        dtype = {'cuda': 'float16', 'cpu': 'bfloat16' if cpu_has_bf16() else 'float32'}.get(device.type, 'float32')
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    check(dtype in DTYPES.values(), f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return device, dtype
+
+
+def precision_problem(device, dtype):
+    """Why `dtype` cannot train on `device` (naming what works), or None. The command line refuses such a
+    choice; train() accepts any, so that tests can run CUDA's float16 on a CPU."""
+    works = 'bfloat16 (this CPU has bf16 instructions) or float32' if cpu_has_bf16() else 'float32'
+    if device.type == 'cpu' and dtype == torch.float16:
+        return f"--dtype float16 is for CUDA GPUs; on the CPU use {works}"
+    if device.type == 'cpu' and dtype == torch.bfloat16 and not cpu_has_bf16():
+        return "this CPU has no bf16 instructions, so bfloat16 would be emulated and many times slower; use float32"
+    if device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bfloat16 support; use float16 or float32"
+
+
+def set_precision(net, dtype):
+    """Make `net` compute in `dtype`. float16: half weights and inputs, float32 BatchNorm (as published).
+    bfloat16: float32 weights under bf16 autocast (bf16 weights would round away the small updates)."""
+    weights = torch.float16 if dtype == torch.float16 else torch.float32
+    net.to(weights)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.float()
+    forward = type(net).forward.__get__(net)  # the class's own, so that a second call does not wrap twice
+
+    def forward_in_precision(x):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return forward(x.to(weights, memory_format=torch.channels_last))
+    net.forward = forward_in_precision
+    return net
+
+
+def tune_process_for(device):
+    """Process-wide speedups, applied by main() only (never on import)."""
+    torch.backends.cudnn.benchmark = True  # pick the fastest conv kernels for our fixed shapes
+    if device.type == 'cpu' and sys.platform.startswith('linux'):
+        # glibc hands freed large blocks back to the OS, so every step would page-fault its ~1 GB of
+        # activations back in: a third of a CPU step. Serve them from a heap that never shrinks instead.
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+
+
+def synchronize(device):
+    """Wait for queued GPU work, so that wall-clock time measures it."""
+    if device.type != 'cpu':
+        getattr(torch, device.type).synchronize()
+
+
+def default_data_dir():
+    return os.environ.get('AIRBENCH_DATA', './cifar10')
+
+
+def load_cifar10(data_dir, train=True):
+    """{'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes'} of a split, from <data_dir>/{train,test}.pt,
+    which are first written from the official cifar-10-python.tar.gz if absent (downloaded if need be)."""
+    path = os.path.join(data_dir, 'train.pt' if train else 'test.pt')
+    fix = (f"Fix: point --data-dir (or AIRBENCH_DATA) at a directory holding train.pt and test.pt, or, without "
+           f"network, put the official cifar-10-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) in {data_dir}.")
+    if not os.path.exists(path):
+        write_cache_from_archive(data_dir, fix)
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise AirbenchError(f"cannot read {path} ({type(e).__name__}: {e}); delete it to write it again. {fix}")
+    images, labels = (data.get('images'), data.get('labels')) if isinstance(data, dict) else (None, None)
+    check(isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
+          and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
+          and len(labels) > 0 and 0 <= labels.min() and labels.max() <= 9,
+          f"{path} is not a CIFAR-10 {'train' if train else 'test'} cache: expected a dict with 'images' (uint8 "
+          f"[N,32,32,3]) and 'labels' (int64 [N], values 0-9). Delete it to write it again. {fix}")
+    return {'images': images, 'labels': labels, 'classes': data.get('classes')}
+
+
+def write_cache_from_archive(data_dir, fix):
+    """Write train.pt and test.pt from the official archive's pickled batches, downloaded first if absent."""
+    archive = os.path.join(data_dir, 'cifar-10-python.tar.gz')
+    try:
+        if not os.path.exists(archive):
+            from torchvision.datasets.utils import download_url
+            download_url('https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz', data_dir,
+                         'cifar-10-python.tar.gz', md5='c58f30108f718f92721af3b95e74349a')
+    except Exception as e:
+        raise AirbenchError(f"CIFAR-10 is not in {data_dir} and downloading it failed ({type(e).__name__}: {e}). {fix}")
+    try:
+        with tarfile.open(archive) as tar:
+            names = ['batches.meta', 'test_batch'] + [f'data_batch_{i}' for i in range(1, 6)]
+            batches = {name: pickle.load(tar.extractfile(f'cifar-10-batches-py/{name}'), encoding='bytes')
+                       for name in names}
+        classes = [name.decode() for name in batches['batches.meta'][b'label_names']]
+        for split, names in (('train', names[2:]), ('test', ['test_batch'])):
+            images = torch.cat([torch.tensor(batches[name][b'data'], dtype=torch.uint8) for name in names])
+            labels = torch.cat([torch.tensor(batches[name][b'labels']) for name in names])
+            save_atomically({'images': images.view(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous(), 'labels': labels,
+                             'classes': classes}, os.path.join(data_dir, f'{split}.pt'))
+    except Exception as e:
+        raise AirbenchError(f"cannot read {archive} as the CIFAR-10 python archive ({type(e).__name__}: {e}). {fix}")
 
 
 def save_atomically(obj, path):
-    """Write atomically: an interrupted run leaves the previous complete file, never half of one."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    """An interrupted write leaves the previous complete file, never half of one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(obj, f'{path}.tmp')
+    os.replace(f'{path}.tmp', path)
 
 
-def run_training(args, train_loader, test_loader, seed, label):
-    """One timed training plus TTA evaluation; prints its table rows and returns its record."""
+def load_checkpoint(path, identity):
+    """The training state saved at `path`, after checking that the same training saved it."""
+    try:
+        saved = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise AirbenchError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); delete it to start over")
+    differences = [f'{key}: {saved["identity"].get(key)} there, {value} here' for key, value in identity.items()
+                   if saved['identity'].get(key) != value]
+    check(not differences, f"the checkpoint {path} was saved by another training ({'; '.join(differences)}); "
+          f"use the flags it was saved with, or delete it to start over")
+    return saved
+
+
+def random_state(device, state=None):
+    """Every random state a training draws from (the CPU's, and the GPU's where the data lives there), or,
+    given `state`, set them to it."""
+    generators = [torch.default_generator]
+    if device.type != 'cpu':
+        generators.append(torch.cuda.default_generators[device.index or 0] if device.type == 'cuda' else
+                          torch.mps._get_default_mps_generator())
+    if state is None:
+        return [generator.get_state() for generator in generators]
+    for generator, saved in zip(generators, state):
+        generator.set_state(saved)
+
+
+class Bookkeeper:
+    """What train() keeps beside the method: its options, the clock (training only, GPU-synchronized), each
+    epoch's figures for `report`, a progress line inside long epochs, and a checkpoint after every epoch
+    from which the same training, run again, continues (bit for bit on a CPU)."""
+    min_epoch_seconds = 30  # shorter epochs (any GPU run) show no progress line, only their table row
+
+    @staticmethod
+    def options(overrides):
+        """hyp['opt'] with train()'s overrides, checked; the random state is seeded if a seed is given."""
+        unknown = sorted(set(overrides) - set(hyp['opt']))
+        check(not unknown, f"unknown training option(s) {unknown}; known: {', '.join(hyp['opt'])}")
+        opt = {**hyp['opt'], **overrides}
+        check(opt['epochs'] > 0, f"epochs must be positive, got {opt['epochs']}")
+        if opt['seed'] is not None:
+            torch.manual_seed(opt['seed'])
+        return opt
+
+    def __init__(self, loader, dtype, opt, report=None, checkpoint=None, progress=False):
+        check(len(loader) > 0, f"the training set ({len(loader.images)} images) is smaller than one batch "
+              f"({loader.batch_size})")
+        self.device, self.report, self.progress, self.path = loader.device, report, progress, checkpoint
+        self.steps_per_epoch, self.total_steps = len(loader), math.ceil(opt['epochs'] * len(loader))
+        self.identity = {**opt, **{section: hyp[section] for section in hyp if section != 'opt'},
+                         'train_images': len(loader.images), 'device': loader.device.type, 'dtype': str(dtype)}
+        self.history, self.seconds = [], 0.0
+        self.start_clock()
+
+    def start_clock(self):
+        synchronize(self.device)
+        self.start, self.loss_sum, self.correct, self.seen = time.perf_counter(), 0, 0, 0
+
+    def resume(self, **parts):
+        """Keep `parts` (net, optimizers, lookahead, loader) for the checkpoint; if one of this training is
+        saved, load them from it, replay its epochs to `report` and return its step, else 0."""
+        self.parts = parts
+        if self.path is None or not os.path.exists(self.path):
+            return 0
+        saved = load_checkpoint(self.path, self.identity)
+        for name, part in parts.items():
+            if hasattr(part, 'load_state_dict'):
+                part.load_state_dict(saved[name])
+            else:  # a loader's or a lookahead's plain attributes
+                vars(part).update({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in saved[name].items()})
+        random_state(self.device, saved['random_state'])
+        self.history, self.seconds = saved['history'], saved['seconds']
+        for row in self.history if self.report else ():
+            self.report(row)
+        self.start_clock()
+        return saved['step']
+
+    def batches(self, loader, step, label=None):
+        """The loader's batches, up to the training's last step; inside long epochs, a progress line on stderr
+        every tenth of the epoch (rewritten in place on a terminal)."""
+        label = label or f'epoch {len(self.history) + 1}'
+        epoch_steps, tenths_shown, start = min(self.steps_per_epoch, self.total_steps - step), -1, time.perf_counter()
+        for done, batch in enumerate(itertools.islice(loader, epoch_steps), 1):
+            yield batch
+            seconds_per_step = (time.perf_counter() - start) / done
+            if self.progress and seconds_per_step * epoch_steps >= self.min_epoch_seconds:
+                if 10 * done // epoch_steps > tenths_shown:
+                    tenths_shown = 10 * done // epoch_steps
+                    line = (f'{label} step {done}/{epoch_steps}  {seconds_per_step:.2f} s/step  '
+                            f'{seconds_per_step * (epoch_steps - done) / 60:.1f} min left in the epoch, '
+                            f'{seconds_per_step * (self.total_steps - step - done) / 60:.1f} in the training')
+                    if sys.stderr.isatty():
+                        print('\r\x1b[K' + line, end='', file=sys.stderr, flush=True)  # rewritten in place
+                    else:
+                        print(line, file=sys.stderr, flush=True)
+
+    def count(self, loss, outputs, labels):
+        self.loss_sum = self.loss_sum + loss.detach()
+        self.correct = self.correct + (outputs.argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+    def end_epoch(self, net, test_loader, step):
+        """Stop the clock; check the loss; record, save and report the epoch; restart the clock."""
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self.start
+        if self.progress and sys.stderr.isatty():
+            print('\r\x1b[K', end='', file=sys.stderr)  # the epoch's row takes the progress line's place
+        check(torch.isfinite(self.loss_sum), f"the training loss became {float(self.loss_sum)} in epoch "
+              f"{len(self.history) + 1}; training diverged (try a lower lr, or float32 with --dtype float32)")
+        self.history.append({'epoch': len(self.history) + 1, 'train_loss': float(self.loss_sum) / self.seen,
+                             'train_acc': float(self.correct) / self.seen,
+                             'val_acc': None if test_loader is None else evaluate(net, test_loader, tta_level=0),
+                             'seconds': self.seconds})
+        self.save(step)
+        if self.report is not None:
+            self.report(self.history[-1])
+        self.start_clock()
+
+    def save(self, step):
+        """Save the checkpoint, if one was asked for: the parts' state, with the random state and the figures."""
+        if self.path is not None:  # of a loader: its pass count and flips; of a lookahead: its averages
+            parts = {name: part.state_dict() if hasattr(part, 'state_dict') else
+                     {k: v for k, v in vars(part).items() if k in ('epoch', 'flipped', 'ema', 'kept')}
+                     for name, part in self.parts.items()}
+            save_atomically({'identity': self.identity, 'random_state': random_state(self.device), 'step': step,
+                             'seconds': self.seconds, 'history': self.history, **parts}, self.path)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--runs', type=int, help=f'trainings to run (default: {GPU_RUNS} on a GPU, 1 on a CPU)')
+    parser.add_argument('--epochs', type=float, default=hyp['opt']['epochs'],
+                        help='training length, may be fractional (default: %(default)s)')
+    parser.add_argument('--seed', type=int, help='seed of the first run (run i uses seed+i): the same seed, device '
+                        'and dtype give the same result')
+    parser.add_argument('--data-dir', default=default_data_dir(), help='directory with train.pt/test.pt, or the '
+                        'official cifar-10-python.tar.gz to write them from (downloaded there if absent) '
+                        '(default: env AIRBENCH_DATA, else %(default)s)')
+    parser.add_argument('--tta-level', type=int, default=hyp['net']['tta_level'], choices=sorted(TTA_VIEWS),
+                        help=f'test-time augmentation, {{level: views per image}} {TTA_VIEWS} (default: %(default)s)')
+    parser.add_argument('--device', help='cpu, cuda, cuda:N or mps (default: the best available)')
+    parser.add_argument('--dtype', choices=tuple(DTYPES), help='compute precision (default: float16 on CUDA, '
+                        'bfloat16 on CPUs with bf16 instructions, else float32)')
+    parser.add_argument('--no-log', action='store_true', help='do not write logs/<run id>/log.pt')
+    parser.add_argument('--checkpoint', metavar='PATH', help='save the training state to PATH after every epoch; '
+                        'the same command run again continues from it (for long CPU runs; one run only)')
+    args = parser.parse_args(argv)
+    try:
+        check(args.runs is None or args.runs >= 1, f'--runs must be at least 1, got {args.runs}')
+        check(not args.checkpoint or args.runs in (None, 1), f'--checkpoint keeps one training: use it with '
+              f'--runs 1, not {args.runs}')
+        check(0 < args.epochs < math.inf, f'--epochs must be a positive number, got {args.epochs}')
+        args.device, args.dtype = choose_device_and_dtype(args.device, args.dtype)
+        check(not precision_problem(args.device, args.dtype), precision_problem(args.device, args.dtype))
+    except AirbenchError as e:
+        parser.error(str(e))
+    if args.runs is None:
+        args.runs = GPU_RUNS if args.device.type == 'cuda' and not args.checkpoint else 1
+    return args
+
+
+def print_row(*cells):
+    cells = ['' if cell is None else f'{cell:.4f}' if isinstance(cell, float) else cell for cell in cells]
+    print('  '.join(f'{cell:>{len(name)}}' for cell, name in zip(cells, COLUMNS)), flush=True)
+
+
+def run_training(args, train_loader, test_loader, seed, run):
+    """One timed training and its TTA evaluation: prints the table rows and returns the run's record."""
     epochs = []
 
     def report(row):
         epochs.append(row)
-        print_row((label, row['epoch'], row['train_loss'], row['train_acc'], row['val_acc'], None, row['seconds']))
-
-    net = train(train_loader, test_loader, dtype=args.dtype, report=report, epochs=args.epochs, seed=seed,
-                checkpoint=args.checkpoint, progress=True)
+        print_row(run, row['epoch'], row['train_loss'], row['train_acc'], row['val_acc'], None, f'{row["seconds"]:.2f}')
+    net = train(train_loader, test_loader, dtype=args.dtype, report=report, checkpoint=args.checkpoint,
+                progress=True, epochs=args.epochs, seed=seed)
     synchronize(args.device)
     start = time.perf_counter()
     tta_val_acc = evaluate(net, test_loader, tta_level=args.tta_level)
     synchronize(args.device)
     seconds = epochs[-1]['seconds'] + time.perf_counter() - start
-    print_row((label, 'final', None, None, None, tta_val_acc, seconds))
+    print_row(run, 'final', None, None, None, tta_val_acc, f'{seconds:.2f}')
     return {'seed': seed, 'tta_val_acc': tta_val_acc, 'seconds': seconds, 'epochs': epochs}
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args, name = parse_args(argv), os.path.basename(__file__)
     tune_process_for(args.device)
-    run_id = datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S_') + uuid.uuid4().hex[:6]
-    log_path = os.path.join('logs', run_id, 'log.pt')
-    try:
-        train_loader = CifarLoader(args.data_dir, train=True, batch_size=hyp['opt']['batch_size'],
-                                   aug=hyp['aug'], device=args.device)
-        test_loader = CifarLoader(args.data_dir, train=False, batch_size=2000, device=args.device)
-    except AirbenchError as e:
-        sys.exit(f'{os.path.basename(__file__)}: error: {e}')
-
+    log_path = os.path.join('logs', time.strftime('%Y-%m-%d_%H-%M-%S_') + os.urandom(3).hex(), 'log.pt')
     resuming = args.checkpoint is not None and os.path.exists(args.checkpoint)
-    if resuming and args.seed is None:  # the same command again continues the same training
-        try:
-            args.seed = load_checkpoint(args.checkpoint, identity={}).get('seed')
-        except AirbenchError as e:
-            sys.exit(f'{os.path.basename(__file__)}: error: {e}')
-
+    try:
+        train_loader = CifarLoader(args.data_dir, batch_size=hyp['opt']['batch_size'], aug=hyp['aug'],
+                                   device=args.device)
+        test_loader = CifarLoader(args.data_dir, train=False, batch_size=2000, device=args.device)
+        if resuming and args.seed is None:  # the same command again continues the same training
+            args.seed = load_checkpoint(args.checkpoint, identity={})['identity']['seed']
+    except AirbenchError as e:
+        sys.exit(f'{name}: error: {e}')
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little') >> 1
     total_steps = math.ceil(args.epochs * len(train_loader))
     train_flops, eval_flops = count_flops(total_steps, train_loader.batch_size, len(test_loader.images), args.tta_level)
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little') >> 1
-    print(f'device {args.device}, dtype {str(args.dtype).removeprefix("torch.")}, {args.runs} run(s) of '
-          f'{args.epochs} epochs ({total_steps} steps), first seed {seed}')
-    print(f'{count_parameters(make_net()):,} parameters; {(train_flops + eval_flops) / 1e15:.3f} PFLOPs per run '
-          f'(training {train_flops / 1e15:.3f} + TTA evaluation {eval_flops / 1e15:.4f})')
+    print(f'device {args.device}, dtype {str(args.dtype)[6:]}, {args.runs} run(s) of {args.epochs} epochs '
+          f'({total_steps} steps), first seed {seed}')
+    print(f'{sum(p.numel() for p in make_net().parameters()):,} parameters; {(train_flops + eval_flops) / 1e15:.3f} '
+          f'PFLOPs per run (training {train_flops / 1e15:.3f} + TTA evaluation {eval_flops / 1e15:.4f})')
     if resuming:
-        print(f'continuing the training saved in {args.checkpoint} (finished epochs are replayed from it)')
+        print(f'continuing the training saved in {args.checkpoint} (its finished epochs are replayed)')
     with open(__file__) as f:
-        source = f.read()
-    log = {'run_id': run_id, 'argv': sys.argv, 'source': source, 'hyp': hyp,
-           'device': str(args.device), 'dtype': str(args.dtype), 'torch': torch.__version__,
-           'epochs': args.epochs, 'tta_level': args.tta_level, 'checkpoint': args.checkpoint,
-           'flops': train_flops + eval_flops, 'runs': []}
-
-    runs = log['runs']
+        log = {'argv': sys.argv, 'source': f.read(), 'hyp': hyp, 'device': str(args.device), 'dtype': str(args.dtype),
+               'torch': torch.__version__, 'flops': train_flops + eval_flops, 'runs': []}
     try:
-        if args.device.type == 'cuda':  # warm-up: cudnn autotuning and lazy init stay out of the timings
-            train(train_loader, test_loader, dtype=args.dtype, epochs=args.epochs)
-        print_row(COLUMNS)
+        warm_up(args, train_loader, test_loader)
+        print_row(*COLUMNS)
         for i in range(args.runs):
-            runs.append(run_training(args, train_loader, test_loader, seed + i, label=i + 1))
+            log['runs'].append(run_training(args, train_loader, test_loader, seed + i, run=i + 1))
             if not args.no_log:
                 save_atomically(log, log_path)
     except AirbenchError as e:
-        sys.exit(f'{os.path.basename(__file__)}: error: {e}')
+        sys.exit(f'{name}: error: {e}')
     except KeyboardInterrupt:
-        print(f'\ninterrupted after {len(runs)} complete run(s)', file=sys.stderr)
-        if args.checkpoint is not None and not runs:
-            print(f'the finished epochs are saved in {args.checkpoint}: run the same command to continue', file=sys.stderr)
-
-    if runs:
-        accs = torch.tensor([r['tta_val_acc'] for r in runs]) * 100
-        times = torch.tensor([r['seconds'] for r in runs])
-        std = f'{accs.std().item():.2f}' if len(runs) > 1 else 'n/a'
-        print(f'TTA accuracy per run: {", ".join(f"{a:.2f}" for a in accs.tolist())}')
-        print(f'mean {accs.mean().item():.2f} ± {std} % over {len(runs)} run(s); '
-              f'{times.mean().item():.2f} s per run; {log["flops"] / times.mean().item() / 1e12:.3f} TFLOP/s')
-        if not args.no_log:
-            print(f'log: {log_path}')
-    if len(runs) < args.runs:
+        print(f'\ninterrupted after {len(log["runs"])} complete run(s)', file=sys.stderr)
+    if log['runs']:
+        accs = torch.tensor([run['tta_val_acc'] for run in log['runs']]) * 100
+        seconds = sum(run['seconds'] for run in log['runs']) / len(log['runs'])
+        print(f'TTA accuracy per run: {", ".join(f"{acc:.2f}" for acc in accs.tolist())}')
+        std = f'{accs.std():.2f}' if len(accs) > 1 else 'n/a'
+        print(f'mean {accs.mean():.2f} ± {std} % over {len(accs)} run(s); {seconds:.2f} s per run; '
+              f'{log["flops"] / seconds / 1e12:.3f} TFLOP/s')
+    if log['runs'] and not args.no_log:
+        print(f'log: {log_path}')
+    if len(log['runs']) < args.runs:
         sys.exit(130)
 
 

@@ -38,9 +38,9 @@ class CyclicTranslateLoader(airbench94.CifarLoader):
         self.offsets = offset_cycle(self.radius)
         super().__init__(*args, aug=aug, **kwargs)
 
-    def augment(self, images, indices, epoch):
-        dy, dx = self.offsets[epoch % len(self.offsets)]
-        return shift(super().augment(images, indices, epoch), dy, dx, self.radius)
+    def augment(self, images, flip):
+        dy, dx = self.offsets[(self.epoch - 1) % len(self.offsets)]  # self.epoch counts the pass under way
+        return shift(super().augment(images, flip), dy, dx, self.radius)
 
 
 def main(argv=None):

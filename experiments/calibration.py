@@ -5,7 +5,7 @@
 n trainings of airbench94. For each class k and test example x, f_k(x) is the fraction of the n
 networks that predict k (one of n + 1 values: these are the bins). Within each bin, the mean of
 f_k is compared with how often the true class is k; CACE sums those gaps over the bins, weighted
-by the bin's share of the test set, and over the classes. Published (SPEC.md): 0.0533 (n large).
+by the bin's share of the test set, and over the classes. Published (the paper and its release): 0.0533 (n large).
 """
 import torch
 

@@ -5,7 +5,7 @@
 Per run: a first airbench94 network is trained on all the data without label smoothing; its
 confidence in each training example's true label ranks the examples. Two arms train airbench94
 for --epochs (default 16) on a --fraction (default 60%) of the training set: a random subset
-(the baseline) and the least-confident subset. Published (SPEC.md): ~94% vs ~93%.
+(the baseline) and the least-confident subset. Published (the paper and its release): ~94% vs ~93%.
 """
 import copy
 

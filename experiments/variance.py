@@ -7,7 +7,7 @@ Part of that variance is only the sampling of 10,000 test images: for an example
 fraction p of the runs gets right, it contributes p(1 - p) / N to the variance of the accuracy.
 The rest is the distribution-wise variance (what a fresh test set would show on average):
     var_distribution = var_test - (1/N) * mean over examples of p(1 - p).
-Published (SPEC.md): test-set std 0.128%, distribution-wise std 0.029% (n large).
+Published (the paper and its release): test-set std 0.128%, distribution-wise std 0.029% (n large).
 """
 import math
 

@@ -1,5 +1,7 @@
-"""Shared fixtures. Every behaviour test is parametrized over SCRIPTS through the `script` fixture,
-so a script added to the family is checked by the same specification."""
+"""Shared fixtures. Behaviour that differs between scripts is tested on each of them through the
+`script` fixture (parametrized over SCRIPTS), so a script added to the family is checked by the same
+specification. The command line and bookkeeping, the same in every script (tests/test_bookkeeping.py),
+are tested once, on airbench94 (`@ONLY_AIRBENCH94`)."""
 import importlib.util
 import os
 import pathlib
@@ -10,19 +12,19 @@ import torch._dynamo  # noqa: F401  imported up front: its import inspects torch
                       # which some tests replace with a stub
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-# What differs between the scripts, from SPEC.md (parameters and FLOPs per run with 6-view TTA).
+# What differs between the scripts, as published (parameters and FLOPs per run with 6-view TTA).
 FAMILY = {
     'airbench94': dict(parameters=1_972_792, pflops=0.359, convs_per_block=2, epochs=9.9),
     'airbench94_compiled': dict(parameters=1_972_792, pflops=0.359, convs_per_block=2, epochs=9.9),
     'airbench95': dict(parameters=4_606_520, pflops=1.37, convs_per_block=2, epochs=15),
-    'airbench96': dict(parameters=9_918_776, pflops=4.99, convs_per_block=3, epochs=37),  # SPEC: 9.92M
+    'airbench96': dict(parameters=9_918_776, pflops=4.99, convs_per_block=3, epochs=37),  # published: 9.92M
     # 200 steps of 2000 (0.283 PFLOPs; published: 0.29) + 6-view TTA on 10k.
     'airbench94_muon': dict(parameters=1_972_792, pflops=0.297, convs_per_block=2, epochs=8),
     # The main network on 512 of each 1024 for 2160 steps, the proxy's passes, TTA (published: 3.1).
     'airbench96_faster': dict(parameters=9_918_776, pflops=3.156, convs_per_block=3, epochs=45),
 }
 SCRIPTS = list(FAMILY)
-# The ablation series (SPEC.md, "Ablation series"): script, the feature it adds, its epochs.
+# The ablation series of the release: script, the feature it adds, its epochs.
 SERIES = [
     ('ablations/main0_network', None, 34),
     ('ablations/main1_whiten', 'whiten', 21),
@@ -35,6 +37,8 @@ SERIES = [
     ('ablations/main8_compile', 'compile', 9.9),
 ]
 ABLATIONS = [name for name, _, _ in SERIES] + ['ablations/train_resnet18']
+ALL_SCRIPTS = SCRIPTS + ABLATIONS
+ONLY_AIRBENCH94 = pytest.mark.parametrize('script', ['airbench94'], indirect=True)  # for the shared bookkeeping
 SMALL_WIDTHS = {'block1': 32, 'block2': 64, 'block3': 64}  # >= 24, the whitening conv's output
 
 

@@ -1,5 +1,5 @@
-"""ablations/: main0 ... main8 each add exactly one feature to the script before (SPEC.md,
-"Ablation series"), and train_resnet18.py is the classic baseline they are measured against."""
+"""ablations/: main0 ... main8 each add exactly one feature to the script before (the release's
+ablation series), and train_resnet18.py is the classic baseline they are measured against."""
 import ast
 import math
 
@@ -18,12 +18,12 @@ KNOBS = {'whiten': set(), 'dirac': set(), 'scalebias': {('opt', 'bias_scaler')},
                        ('net', 'batchnorm_momentum')},
          'tta': {('net', 'tta_level')}, 'mirror': {('aug', 'flip')},  # flip: same value, new comment
          'compile': set()}
-# The top-level functions and classes each feature touches; every other definition stays identical.
+# The top-level definitions each feature touches; every other definition stays identical.
 CODE = {'whiten': {'Net', 'make_net', 'get_patches', 'init_whitening_conv', 'train', 'count_flops'},
         'dirac': {'Conv'}, 'scalebias': {'make_optimizer'}, 'freeze': {'train'},
-        'lookahead': {'LookaheadState', 'train'}, 'tta': {'tta_logits', 'infer', 'count_flops', 'parse_args'},
-        'mirror': {'alternating_flip_mask', 'CifarLoader', 'train'},
-        'compile': {'compile_problem', 'compile_net', 'train', 'warm_up', 'main'}}
+        'lookahead': {'LookaheadState', 'train'}, 'tta': {'tta_logits', 'TTA_VIEWS'},
+        'mirror': {'CifarLoader', 'train'},
+        'compile': {'compile_problem', 'compile_net', 'train', 'warm_up'}}
 NEIGHBOURS = [(SERIES[k], SERIES[k + 1]) for k in range(len(SERIES) - 1)]
 
 
@@ -98,14 +98,14 @@ def test_each_script_trains_on_its_published_recipe(name):
 
 
 def test_resnet18_cuts_out_before_it_translates(monkeypatch):
-    """SPEC order: flip, then cutout, then translate (a square partly shifted out of the image)."""
+    """The release's order: flip, then cutout, then translate (a square partly shifted out of the image)."""
     resnet18 = load_script('ablations/train_resnet18')
     calls = []
     monkeypatch.setattr(resnet18, 'batch_cutout', lambda images, size: calls.append('cutout') or images)
     monkeypatch.setattr(resnet18, 'batch_translate', lambda images, r: calls.append('translate') or images)
     loader = object.__new__(resnet18.CifarLoader)
     loader.aug = resnet18.hyp['aug']
-    loader.augment(torch.zeros(2, 3, 32, 32))
+    loader.augment(torch.zeros(2, 3, 32, 32), flip=torch.zeros(2, dtype=torch.bool))
     assert calls == ['cutout', 'translate']
 
 
@@ -123,10 +123,13 @@ def test_the_last_steps_equal_the_family_scripts_in_method(name, family_script):
 
 
 def definitions(path):
-    """{name: source} of a file's top-level functions and classes."""
+    """{name: source} of a file's top-level functions, classes and constants (hyp and features aside: the
+    tests compare those by value)."""
     source = (REPO / path).read_text()
-    return {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    nodes = {node.name: node for node in ast.parse(source).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    nodes.update({node.targets[0].id: node for node in ast.parse(source).body
+                  if isinstance(node, ast.Assign) and node.targets[0].id not in ('hyp', 'features')})
+    return {name: ast.get_source_segment(source, node) for name, node in nodes.items()}
 
 
 # Each feature, detected from behaviour where it can be: probe(script, data_dir) -> bool.
@@ -213,10 +216,10 @@ def test_each_script_has_exactly_its_declared_features(script, feature, tiny_dat
 @pytest.mark.full_size
 def test_resnet18_baseline_size_matches_the_published_one():
     resnet18 = load_script('ablations/train_resnet18')
-    assert resnet18.count_parameters(resnet18.make_net()) == 11_173_962  # the standard CIFAR ResNet-18
+    assert sum(p.numel() for p in resnet18.make_net().parameters()) == 11_173_962  # the standard CIFAR ResNet-18
     steps = math.ceil(resnet18.hyp['opt']['epochs'] * (50_000 // resnet18.hyp['opt']['batch_size']))
     train_flops, eval_flops = resnet18.count_flops(steps, resnet18.hyp['opt']['batch_size'], 10_000, tta_level=2)
-    assert (train_flops + eval_flops) / 1e15 == pytest.approx(4.35, rel=0.02)  # SPEC: 4.35 PFLOPs, 26 epochs
+    assert (train_flops + eval_flops) / 1e15 == pytest.approx(4.35, rel=0.02)  # published: 4.35 PFLOPs, 26 epochs
 
 
 @pytest.mark.full_size

@@ -1,12 +1,13 @@
 """--checkpoint: a run of hours on a CPU, interrupted after an epoch and run again, loses nothing and
-ends with the same weights, bit for bit, as an uninterrupted run with the same seed."""
+ends with the same weights, bit for bit, as an uninterrupted run with the same seed. What a checkpoint
+holds differs by script (optimizers, lookahead, the proxy's selection), so resuming is tested on each."""
 import pytest
 import torch
 
-from conftest import ABLATIONS, SCRIPTS, load_script
+from conftest import ALL_SCRIPTS, ONLY_AIRBENCH94, load_script
 
 
-@pytest.fixture(params=SCRIPTS + ABLATIONS, scope='session')
+@pytest.fixture(params=ALL_SCRIPTS, scope='session')
 def script(request):
     return load_script(request.param)
 
@@ -42,6 +43,7 @@ def test_resumed_training_ends_where_an_uninterrupted_one_ends(script, tiny_data
         assert torch.equal(a, b), name
 
 
+@ONLY_AIRBENCH94
 def test_a_checkpoint_of_another_training_is_refused(script, tiny_data_dir, tmp_path):
     checkpoint = tmp_path / 'checkpoint.pt'
     train = script.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=script.hyp['aug'], device='cpu')
@@ -53,6 +55,7 @@ def test_a_checkpoint_of_another_training_is_refused(script, tiny_data_dir, tmp_
         script.train(train, dtype=torch.float32, epochs=1, seed=0, checkpoint=checkpoint)
 
 
+@ONLY_AIRBENCH94
 def test_the_same_command_run_again_continues_its_checkpoint(script, one_batch_data_dir, tmp_path, monkeypatch,
                                                              capsys):
     monkeypatch.chdir(tmp_path)

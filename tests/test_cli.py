@@ -1,4 +1,5 @@
-"""The command line: clear one-paragraph errors (never a traceback), logs, and imports without side effects."""
+"""The command line: clear one-paragraph errors (never a traceback), logs, and imports without side effects.
+The command line is the same in every script (test_bookkeeping.py), so it is tested on airbench94."""
 import os
 import pathlib
 import subprocess
@@ -7,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ABLATIONS, FAMILY, REPO, SCRIPTS
+from conftest import ALL_SCRIPTS, FAMILY, ONLY_AIRBENCH94, REPO
 
 
 def run_script(name, *args, cwd):
@@ -17,22 +18,33 @@ def run_script(name, *args, cwd):
                           text=True, timeout=300, env={**os.environ, 'TORCHDYNAMO_DISABLE': '1'})
 
 
-@pytest.mark.parametrize('name', SCRIPTS + ABLATIONS)
-def test_import_has_no_side_effects(name, tmp_path):
-    code = f'import sys; sys.path.insert(0, {str(REPO)!r}); import {name.replace("/", ".")}'
-    result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+def test_import_has_no_side_effects(tmp_path):
+    """Every script, imported one after the other in one process: nothing printed, nothing written."""
+    code = f'import sys; sys.path.insert(0, {str(REPO)!r})\n' + '\n'.join(
+        f'import {name.replace("/", ".")}' for name in ALL_SCRIPTS)
+    result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout == '' and result.stderr == ''
     assert list(tmp_path.iterdir()) == []  # no logs, no data, no downloads
 
 
-@pytest.mark.parametrize('name', SCRIPTS + ABLATIONS)
-def test_help_documents_every_flag(name, tmp_path):
-    result = run_script(name, '--help', cwd=tmp_path)
+def test_help_documents_every_flag_and_the_scripts_own_defaults(tmp_path):
+    result = run_script('airbench94', '--help', cwd=tmp_path)
     assert result.returncode == 0
     for flag in ('--runs', '--epochs', '--seed', '--data-dir', '--tta-level', '--device', '--dtype', '--no-log',
                  '--checkpoint'):
         assert flag in result.stdout
+    assert 'default: 25 on a GPU' in result.stdout and 'default: 9.9' in result.stdout
+
+
+@pytest.mark.parametrize('name, runs', [('airbench95', 10), ('airbench96', 5), ('ablations/main5_lookahead', 25)])
+def test_each_script_runs_its_own_number_of_trainings_on_a_gpu(name, runs, monkeypatch):
+    from conftest import load_script
+    script = load_script(name)
+    monkeypatch.setattr(script, 'choose_device_and_dtype', lambda device, dtype: (torch.device('cuda'), torch.float16))
+    monkeypatch.setattr(script, 'precision_problem', lambda device, dtype: None)
+    assert script.parse_args([]).runs == runs and script.parse_args(['--checkpoint', 'c.pt']).runs == 1
+    assert script.parse_args(['--epochs', '3']).epochs == 3.0
 
 
 @pytest.mark.parametrize('args, message', [
@@ -44,6 +56,7 @@ def test_help_documents_every_flag(name, tmp_path):
     (['--dtype', 'int8'], 'invalid choice'),
     (['--device', 'cpu', '--dtype', 'float16'], '--dtype float16 is for CUDA GPUs; on the CPU use'),
 ])
+@ONLY_AIRBENCH94
 def test_invalid_flags_exit_with_a_message_and_no_traceback(script, args, message, tmp_path):
     result = run_script(script.__name__, *args, cwd=tmp_path)
     assert result.returncode != 0
@@ -59,6 +72,7 @@ def wrong_shape(path):
 
 
 @pytest.mark.parametrize('damage, message', [(corrupt, 'cannot read'), (wrong_shape, 'is not a CIFAR-10 train cache')])
+@ONLY_AIRBENCH94
 def test_bad_data_cache_exits_with_a_fix_and_no_traceback(script, damage, message, tmp_path):
     damage(tmp_path / 'train.pt')
     result = run_script(script.__name__, '--data-dir', str(tmp_path), '--no-log', cwd=tmp_path)
@@ -67,12 +81,14 @@ def test_bad_data_cache_exits_with_a_fix_and_no_traceback(script, damage, messag
     assert 'Traceback' not in result.stderr
 
 
+@ONLY_AIRBENCH94
 def test_unreadable_data_dir_exits_with_a_message(script, tmp_path):
     (tmp_path / 'train.pt').mkdir()  # a directory where the file should be: unreadable as a file
     result = run_script(script.__name__, '--data-dir', str(tmp_path), '--no-log', cwd=tmp_path)
     assert result.returncode == 1 and 'cannot read' in result.stderr and 'Traceback' not in result.stderr
 
 
+@ONLY_AIRBENCH94
 def test_missing_data_without_network_is_a_clear_error(script, tmp_path, monkeypatch):
     import torchvision.datasets.utils
 
@@ -108,6 +124,7 @@ def write_official_archive(path, images_per_batch=3):
     return batches
 
 
+@ONLY_AIRBENCH94
 def test_the_official_archive_is_read_without_network(script, tmp_path, monkeypatch):
     import torchvision.datasets.utils
     monkeypatch.setattr(torchvision.datasets.utils, 'download_url', lambda *a, **k: pytest.fail('downloaded'))
@@ -124,12 +141,14 @@ def test_the_official_archive_is_read_without_network(script, tmp_path, monkeypa
     assert test['labels'].tolist() == batches['test_batch'][b'labels']
 
 
+@ONLY_AIRBENCH94
 def test_a_damaged_archive_is_a_clear_error(script, tmp_path):
     (tmp_path / 'cifar-10-python.tar.gz').write_bytes(b'not an archive')
     with pytest.raises(script.AirbenchError, match='cannot read .* as the CIFAR-10 python archive'):
         script.CifarLoader(tmp_path, device='cpu')
 
 
+@ONLY_AIRBENCH94
 def test_download_fetches_the_official_archive_and_writes_the_cache(script, tmp_path, monkeypatch):
     import torchvision.datasets.utils
 
@@ -141,6 +160,7 @@ def test_download_fetches_the_official_archive_and_writes_the_cache(script, tmp_
     assert len(loader.images) == 3 and (tmp_path / 'train.pt').exists()
 
 
+@ONLY_AIRBENCH94
 def test_main_trains_prints_the_table_and_writes_an_atomic_log(script, one_batch_data_dir, tmp_path):
     result = run_script(script.__name__, '--data-dir', str(one_batch_data_dir), '--epochs', '1', '--runs', '2',
                         '--seed', '5', '--device', 'cpu', cwd=tmp_path)
@@ -169,6 +189,7 @@ def test_same_seed_on_the_command_line_reproduces_the_accuracy(one_batch_data_di
     assert not (tmp_path / 'logs').exists()  # --no-log
 
 
+@ONLY_AIRBENCH94
 def test_unsupported_precisions_are_named_with_what_works(script, monkeypatch):
     cpu, cuda = torch.device('cpu'), torch.device('cuda')
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
@@ -183,35 +204,36 @@ def test_unsupported_precisions_are_named_with_what_works(script, monkeypatch):
     assert script.precision_problem(cuda, torch.float16) is None
 
 
+@ONLY_AIRBENCH94
 def test_long_epochs_show_a_progress_line_every_tenth_in_a_log(script, tiny_data_dir, monkeypatch, capsys):
-    monkeypatch.setattr(script.ProgressLine, 'min_epoch_seconds', 0)  # as if every epoch took minutes
+    monkeypatch.setattr(script.Bookkeeper, 'min_epoch_seconds', 0)  # as if every epoch took minutes
     train = script.CifarLoader(tiny_data_dir, train=True, batch_size=16, aug=script.hyp['aug'], device='cpu')
     script.train(train, dtype=torch.float32, epochs=1.5, seed=0, progress=True)  # 16 + 8 steps
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith('epoch ')]  # not 'proxy epoch'
+    lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith('epoch 1 step 1/16 ') and lines[-1].startswith('epoch 2 step 8/8 ')
     assert len(lines) == 11 + 8  # 16 steps: step 1 and then a line per tenth; 8 steps: every step
     assert all(' s/step ' in line and 'left in the epoch' in line and 'in the training' in line for line in lines)
 
 
+@ONLY_AIRBENCH94
 def test_short_epochs_show_no_progress_line(script, tiny_data_dir, capsys):
     train = script.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=script.hyp['aug'], device='cpu')
     script.train(train, dtype=torch.float32, epochs=1, seed=0, progress=True)
     assert capsys.readouterr().err == ''
 
 
-def test_progress_line_is_rewritten_in_place_on_a_terminal(script):
+@ONLY_AIRBENCH94
+def test_progress_line_is_rewritten_in_place_on_a_terminal(script, tiny_data_dir, monkeypatch):
     import io
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
     terminal = Terminal()
-    progress = script.ProgressLine(steps_per_epoch=4, total_steps=8, stream=terminal)
-    progress.min_epoch_seconds = 0
-    progress.start_epoch(epoch=0, step=0)
-    for step in range(1, 5):
-        progress.update(step)
-    progress.clear()
+    monkeypatch.setattr(sys, 'stderr', terminal)
+    monkeypatch.setattr(script.Bookkeeper, 'min_epoch_seconds', 0)
+    train = script.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=script.hyp['aug'], device='cpu')
+    script.train(train, dtype=torch.float32, epochs=1, seed=0, progress=True)  # 4 steps
     written = terminal.getvalue()
-    assert written.count('\r') == 5 and '\n' not in written and written.endswith('\r\x1b[K')
+    assert written.count('\r') == 5 and '\n' not in written and written.endswith('\r\x1b[K')  # then cleared
     assert 'epoch 1 step 4/4' in written

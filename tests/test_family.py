@@ -1,4 +1,4 @@
-"""Where the scripts differ from airbench94.py, and only there (SPEC.md, "The family")."""
+"""Where the scripts differ from airbench94.py, and only there (as published in the release)."""
 import pytest
 import torch
 
@@ -59,9 +59,9 @@ def test_compiled_network_computes_what_the_uncompiled_one_does(monkeypatch):
         pytest.skip(compiled.compile_problem(torch.device('cpu')))
     monkeypatch.setitem(compiled.hyp['net'], 'widths', SMALL_WIDTHS)
     torch.manual_seed(0)
-    eager = compiled.make_net().set_precision(torch.float32)
+    eager = compiled.set_precision(compiled.make_net(), torch.float32)
     compiled.init_whitening_conv(eager.whiten, torch.randn(8, 3, 32, 32))
-    net = compiled.compile_net(compiled.make_net().set_precision(torch.float32), torch.device('cpu'))
+    net = compiled.compile_net(compiled.set_precision(compiled.make_net(), torch.float32), torch.device('cpu'))
     net.load_state_dict(eager.state_dict())
     x = torch.randn(16, 3, 32, 32)
     for mode in (True, False):  # training (batch statistics) and evaluation (running statistics)

@@ -54,7 +54,8 @@ def test_the_proxy_trains_on_every_4th_step_only(faster, tiny_data_dir, monkeypa
     steps = []
     sgd_step = torch.optim.SGD.step
     monkeypatch.setattr(torch.optim.SGD, 'step', lambda self, *a, **k: steps.append(1) or sgd_step(self, *a, **k))
-    kept = faster.proxy_selection(loader, opt, total_steps=10, dtype=torch.float32)
+    books = faster.Bookkeeper(loader, torch.float32, opt)
+    kept = faster.proxy_selection(loader, opt, total_steps=10, dtype=torch.float32, books=books)
     assert len(steps) == 3  # steps 0, 4 and 8 of 10
     assert kept.shape == (10, 32)
 
