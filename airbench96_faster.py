@@ -34,7 +34,6 @@ hyp = {
         'lr_warmup': 0.1,           # fraction of steps over which the lr ramps up...
         'lr_start': 0.2,            # ...from this multiple of lr to 1.0...
         'lr_end': 0.0,              # ...and then falls linearly to this multiple at the last step
-        'whiten_bias_epochs': 3,    # the whitening conv's bias trains this many epochs, then freezes
         'lookahead_every': 5,       # steps between lookahead (EMA) updates
         'lookahead_decay': 0.95,    # per-step EMA decay base (raised to the 5th for 5 steps)
         'seed': None,               # None draws a fresh seed per training
@@ -53,7 +52,7 @@ hyp = {
     'proxy': {
         'widths': {'block1': 32, 'block2': 64, 'block3': 64},  # airbench94's blocks, small: cheap to run
         'keep_fraction': 0.5,       # of each batch, the share with the highest proxy loss: 512 of 1024
-        'train_every': 4,           # the proxy trains on every 4th step and only scores on the others
+        'train_every': 4,           # the proxy trains on every 4th step and only scores the others
     },
 }
 
@@ -61,7 +60,7 @@ hyp = {
 #           Data and augmentation           #
 #############################################
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10's (a cache of another dataset carries its own)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
@@ -103,8 +102,8 @@ class CifarLoader:
         data = load_cifar10(path, train)
         self.images = data['images'].to(self.device).permute(0, 3, 1, 2).float().div(255)
         self.labels, self.classes = data['labels'].to(self.device), data['classes']
-        self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)  # made once, not per batch:
-        self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)    # a copy to the GPU would block
+        self.mean = torch.tensor(data['mean'], device=self.device).view(1, 3, 1, 1)  # made once, not per batch:
+        self.std = torch.tensor(data['std'], device=self.device).view(1, 3, 1, 1)    # a copy to the GPU would block
         self.batch_size = batch_size
         self.drop_last = train if drop_last is None else drop_last
         self.shuffle = train if shuffle is None else shuffle
@@ -124,8 +123,8 @@ class CifarLoader:
             self.flipped = torch.rand(len(self.images), device=self.device) < 0.5
         flip = self.flipped ^ (self.epoch % 2 == 1)  # ...and every image is flipped the other way in odd epochs
         self.epoch += 1
-        order = torch.randperm(len(self.images), device=self.device) if self.shuffle else torch.arange(
-            len(self.images), device=self.device)
+        n = len(self.images)
+        order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
         for i in range(len(self)):
             indices = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.augment(self.normalize(self.images[indices]), flip[indices]), self.labels[indices]
@@ -263,10 +262,11 @@ def make_optimizer(net, opt, batch_size):
     """Nesterov SGD, parameterized so that lr, momentum and weight decay tune independently.
 
     The loss is summed over the batch, so its gradient grows with the batch size; and momentum keeps
-    applying each gradient, for a total step of (1 + 1/(1 - momentum)) times its first (the momentum
-    scale). So lr is given per 1024 examples and divided by 1024 times the momentum scale: changing
-    the batch size or the momentum leaves the step per example as it was. Weight decay is given as
-    the total decay per 1024 examples, lr * wd in PyTorch's terms, so changing lr leaves it alone.
+    applying each gradient at later steps, which multiplies its total effect by about 1/(1 - momentum).
+    So lr is given per 1024 examples and divided by 1024 * (1 + 1/(1 - momentum)) (the release's
+    momentum scale): changing the batch size or the momentum leaves the step per example about as it
+    was. Weight decay is given as the total decay per 1024 examples (lr * wd in PyTorch's terms), so
+    changing lr leaves the decay alone.
     """
     kilostep_scale = 1024 * (1 + 1 / (1 - opt['momentum']))
     lr = opt['lr'] / kilostep_scale                            # per step
@@ -313,41 +313,35 @@ def kept_per_batch(batch_size):
 
 def proxy_selection(train_loader, opt, total_steps, dtype, books):
     """Run the proxy over the data stream and return which examples of each step's batch the main
-    network trains on (batch positions, [total_steps, kept per batch]). At every step the proxy scores
-    the batch by its loss and keeps the highest-loss half (hyp['proxy']['keep_fraction']); every
-    train_every-th step it also trains on them, with the main network's optimizer recipe over its own,
-    fewer steps. Then it rewinds the stream (random state, epoch count), so that the main pass draws
-    the same batches in the same order with the same augmentations. `books`: the training's Bookkeeper."""
+    network trains on (batch positions, [total_steps, kept per batch]), as published: at every step one
+    forward of the proxy over the whole batch (in training mode) scores it by loss and keeps the
+    highest-loss half; every train_every-th step the proxy also trains on the loss summed over those,
+    from that same forward. It has the main network's optimizer and lr schedule over the stream's steps,
+    no lookahead, and a whitening bias frozen at zero. Then the stream is rewound (random state, epoch
+    count), so that the main pass draws the same batches in the same order with the same augmentations.
+    `books`: the training's Bookkeeper (the proxy's time counts in the run's)."""
     device = train_loader.device
     keep, train_every = kept_per_batch(train_loader.batch_size), hyp['proxy']['train_every']
     proxy = set_precision(make_proxy().to(device), dtype)
-    optimizer = make_optimizer(proxy, opt, keep)
-    proxy_total_steps = math.ceil(total_steps / train_every)
     init_whitening_conv(proxy.whiten, train_loader.normalize(train_loader.images[:5000]))
-    lookahead = LookaheadState(proxy)
+    proxy.whiten.bias.requires_grad = False  # stays at zero
+    optimizer = make_optimizer(proxy, opt, train_loader.batch_size)
     kept = torch.zeros(total_steps, keep, dtype=torch.long, device=device)
     stream_start = random_state(device)
-    step = proxy_step = 0
+    step = 0
     for epoch in range(math.ceil(opt['epochs'])):
-        proxy.whiten.bias.requires_grad = epoch < opt['whiten_bias_epochs']
         for inputs, labels in books.batches(train_loader, step, label=f'proxy epoch {epoch + 1}'):
-            with torch.no_grad():
+            training = step % train_every == 0
+            with torch.set_grad_enabled(training):
                 losses = F.cross_entropy(proxy(inputs), labels, label_smoothing=opt['label_smoothing'], reduction='none')
-            kept[step] = keep_highest_loss(losses, keep)
-            if step % train_every == 0:
-                chosen = kept[step]
-                loss = F.cross_entropy(proxy(inputs[chosen]), labels[chosen], label_smoothing=opt['label_smoothing'],
-                                       reduction='sum')
-                loss.backward()
+            kept[step] = keep_highest_loss(losses.detach(), keep)
+            if training:
+                losses[kept[step]].sum().backward()
                 for group in optimizer.param_groups:
                     group['lr'] = group['initial_lr'] * lr_multiplier(
-                        proxy_step, proxy_total_steps, opt['lr_warmup'], opt['lr_start'], opt['lr_end'])
+                        step, total_steps, opt['lr_warmup'], opt['lr_start'], opt['lr_end'])
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                proxy_step += 1
-                if proxy_step % opt['lookahead_every'] == 0:
-                    lookahead.update(proxy, decay=opt['lookahead_decay'] ** opt['lookahead_every']
-                                     * (proxy_step / proxy_total_steps) ** 3)
             step += 1
     random_state(device, stream_start)
     train_loader.epoch = 0
@@ -382,7 +376,7 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
     train_loader.epoch = 0  # a fresh alternating-flip pattern for every training
     total_steps = math.ceil(opt['epochs'] * len(train_loader))
     net = set_precision(make_net().to(device), dtype)
-    optimizer = make_optimizer(net, opt, kept_per_batch(train_loader.batch_size))
+    optimizer = make_optimizer(net, opt, train_loader.batch_size)  # decay for the stream's batch, as published
 
     books = Bookkeeper(train_loader, dtype, opt, report, checkpoint, progress)  # the clock starts here
     init_whitening_conv(net.whiten, train_loader.normalize(train_loader.images[:5000]))
@@ -392,8 +386,9 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
     if selection.kept is None:  # the proxy pass first (unless a checkpoint has it), then the main pass
         selection.kept = proxy_selection(train_loader, opt, total_steps, dtype, books)
         books.save(step)
+    # The whitening bias trains throughout: the published run's freeze never fires (it compares an epoch index
+    # with a step count), and its 96.00% was reached that way.
     for epoch in range(len(books.history), math.ceil(opt['epochs'])):  # a resumed training skips its finished epochs
-        net.whiten.bias.requires_grad = epoch < opt['whiten_bias_epochs']
         if on_epoch_start is not None:
             on_epoch_start(epoch, net, optimizer, opt)
         net.train()
@@ -467,8 +462,8 @@ GPU_RUNS = 5  # trainings per command on a GPU (1 on a CPU)
 def count_flops(total_steps, batch_size, test_images, tta_level):
     """(training FLOPs, evaluation FLOPs) of a run, counted by torch.utils.flop_counter on one real
     forward+backward and one forward of a small batch (both are linear in the batch size). Training
-    is the proxy pass (a forward of every example, a forward+backward of the kept ones every
-    train_every-th step) plus the main pass (a forward+backward of the kept ones)."""
+    is the proxy pass (a forward of every example, and every train_every-th step the backward of that
+    forward) plus the main pass (a forward+backward of the kept ones)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     def flops_per_image(net):
@@ -481,7 +476,8 @@ def count_flops(total_steps, batch_size, test_images, tta_level):
         return counter.get_total_flops() / len(x), forward_counter.get_total_flops() / len(x)
     (net_train, net_forward), (proxy_train, proxy_forward) = flops_per_image(make_net()), flops_per_image(make_proxy())
     keep, train_every = kept_per_batch(batch_size), hyp['proxy']['train_every']
-    proxy_flops = proxy_forward * batch_size * total_steps + proxy_train * keep * math.ceil(total_steps / train_every)
+    proxy_backward = (proxy_train - proxy_forward) * batch_size * math.ceil(total_steps / train_every)
+    proxy_flops = proxy_forward * batch_size * total_steps + proxy_backward
     return net_train * keep * total_steps + proxy_flops, net_forward * TTA_VIEWS[tta_level] * test_images
 
 
@@ -590,8 +586,9 @@ def default_data_dir():
 
 
 def load_cifar10(data_dir, train=True):
-    """{'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes'} of a split, from <data_dir>/{train,test}.pt,
-    which are first written from the official cifar-10-python.tar.gz if absent (downloaded if need be)."""
+    """{'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes', 'mean', 'std'} of a split, from
+    <data_dir>/{train,test}.pt, which are first written from the official cifar-10-python.tar.gz if absent
+    (downloaded if need be). A cache of another dataset carries its classes and its normalization."""
     path = os.path.join(data_dir, 'train.pt' if train else 'test.pt')
     fix = (f"Fix: point --data-dir (or AIRBENCH_DATA) at a directory holding train.pt and test.pt, or, without "
            f"network, put the official cifar-10-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) in {data_dir}.")
@@ -601,13 +598,15 @@ def load_cifar10(data_dir, train=True):
         data = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise AirbenchError(f"cannot read {path} ({type(e).__name__}: {e}); delete it to write it again. {fix}")
-    images, labels = (data.get('images'), data.get('labels')) if isinstance(data, dict) else (None, None)
+    data = data if isinstance(data, dict) else {}
+    images, labels, classes = data.get('images'), data.get('labels'), data.get('classes') or [str(k) for k in range(10)]
     check(isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
           and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
-          and len(labels) > 0 and 0 <= labels.min() and labels.max() <= 9,
+          and len(labels) > 0 and 0 <= labels.min() and labels.max() < len(classes),
           f"{path} is not a CIFAR-10 {'train' if train else 'test'} cache: expected a dict with 'images' (uint8 "
           f"[N,32,32,3]) and 'labels' (int64 [N], values 0-9). Delete it to write it again. {fix}")
-    return {'images': images, 'labels': labels, 'classes': data.get('classes')}
+    return {'images': images, 'labels': labels, 'classes': classes, 'mean': data.get('mean', CIFAR_MEAN),
+            'std': data.get('std', CIFAR_STD)}
 
 
 def write_cache_from_archive(data_dir, fix):
@@ -648,6 +647,8 @@ def load_checkpoint(path, identity):
         saved = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise AirbenchError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); delete it to start over")
+    check(isinstance(saved, dict) and 'identity' in saved, f"{path} is not a checkpoint of this version of the "
+          f"scripts; delete it to start over")
     differences = [f'{key}: {saved["identity"].get(key)} there, {value} here' for key, value in identity.items()
                    if saved['identity'].get(key) != value]
     check(not differences, f"the checkpoint {path} was saved by another training ({'; '.join(differences)}); "

@@ -55,7 +55,7 @@ hyp = {
 #           Data and augmentation           #
 #############################################
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10's (a cache of another dataset carries its own)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
@@ -97,8 +97,8 @@ class CifarLoader:
         data = load_cifar10(path, train)
         self.images = data['images'].to(self.device).permute(0, 3, 1, 2).float().div(255)
         self.labels, self.classes = data['labels'].to(self.device), data['classes']
-        self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)  # made once, not per batch:
-        self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)    # a copy to the GPU would block
+        self.mean = torch.tensor(data['mean'], device=self.device).view(1, 3, 1, 1)  # made once, not per batch:
+        self.std = torch.tensor(data['std'], device=self.device).view(1, 3, 1, 1)    # a copy to the GPU would block
         self.batch_size = batch_size
         self.drop_last = train if drop_last is None else drop_last
         self.shuffle = train if shuffle is None else shuffle
@@ -118,8 +118,8 @@ class CifarLoader:
             self.flipped = torch.rand(len(self.images), device=self.device) < 0.5
         flip = self.flipped ^ (self.epoch % 2 == 1)  # ...and every image is flipped the other way in odd epochs
         self.epoch += 1
-        order = torch.randperm(len(self.images), device=self.device) if self.shuffle else torch.arange(
-            len(self.images), device=self.device)
+        n = len(self.images)
+        order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
         for i in range(len(self)):
             indices = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.augment(self.normalize(self.images[indices]), flip[indices]), self.labels[indices]
@@ -243,10 +243,11 @@ def make_optimizer(net, opt, batch_size):
     """Nesterov SGD, parameterized so that lr, momentum and weight decay tune independently.
 
     The loss is summed over the batch, so its gradient grows with the batch size; and momentum keeps
-    applying each gradient, for a total step of (1 + 1/(1 - momentum)) times its first (the momentum
-    scale). So lr is given per 1024 examples and divided by 1024 times the momentum scale: changing
-    the batch size or the momentum leaves the step per example as it was. Weight decay is given as
-    the total decay per 1024 examples, lr * wd in PyTorch's terms, so changing lr leaves it alone.
+    applying each gradient at later steps, which multiplies its total effect by about 1/(1 - momentum).
+    So lr is given per 1024 examples and divided by 1024 * (1 + 1/(1 - momentum)) (the release's
+    momentum scale): changing the batch size or the momentum leaves the step per example about as it
+    was. Weight decay is given as the total decay per 1024 examples (lr * wd in PyTorch's terms), so
+    changing lr leaves the decay alone.
     """
     kilostep_scale = 1024 * (1 + 1 / (1 - opt['momentum']))
     lr = opt['lr'] / kilostep_scale                            # per step
@@ -499,8 +500,9 @@ def default_data_dir():
 
 
 def load_cifar10(data_dir, train=True):
-    """{'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes'} of a split, from <data_dir>/{train,test}.pt,
-    which are first written from the official cifar-10-python.tar.gz if absent (downloaded if need be)."""
+    """{'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes', 'mean', 'std'} of a split, from
+    <data_dir>/{train,test}.pt, which are first written from the official cifar-10-python.tar.gz if absent
+    (downloaded if need be). A cache of another dataset carries its classes and its normalization."""
     path = os.path.join(data_dir, 'train.pt' if train else 'test.pt')
     fix = (f"Fix: point --data-dir (or AIRBENCH_DATA) at a directory holding train.pt and test.pt, or, without "
            f"network, put the official cifar-10-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) in {data_dir}.")
@@ -510,13 +512,15 @@ def load_cifar10(data_dir, train=True):
         data = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise AirbenchError(f"cannot read {path} ({type(e).__name__}: {e}); delete it to write it again. {fix}")
-    images, labels = (data.get('images'), data.get('labels')) if isinstance(data, dict) else (None, None)
+    data = data if isinstance(data, dict) else {}
+    images, labels, classes = data.get('images'), data.get('labels'), data.get('classes') or [str(k) for k in range(10)]
     check(isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
           and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
-          and len(labels) > 0 and 0 <= labels.min() and labels.max() <= 9,
+          and len(labels) > 0 and 0 <= labels.min() and labels.max() < len(classes),
           f"{path} is not a CIFAR-10 {'train' if train else 'test'} cache: expected a dict with 'images' (uint8 "
           f"[N,32,32,3]) and 'labels' (int64 [N], values 0-9). Delete it to write it again. {fix}")
-    return {'images': images, 'labels': labels, 'classes': data.get('classes')}
+    return {'images': images, 'labels': labels, 'classes': classes, 'mean': data.get('mean', CIFAR_MEAN),
+            'std': data.get('std', CIFAR_STD)}
 
 
 def write_cache_from_archive(data_dir, fix):
@@ -557,6 +561,8 @@ def load_checkpoint(path, identity):
         saved = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise AirbenchError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); delete it to start over")
+    check(isinstance(saved, dict) and 'identity' in saved, f"{path} is not a checkpoint of this version of the "
+          f"scripts; delete it to start over")
     differences = [f'{key}: {saved["identity"].get(key)} there, {value} here' for key, value in identity.items()
                    if saved['identity'].get(key) != value]
     check(not differences, f"the checkpoint {path} was saved by another training ({'; '.join(differences)}); "

@@ -20,9 +20,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# What this script has, in the order the series adds it (ablations/README.md).
-features = ('whiten', 'dirac', 'scalebias', 'freeze', 'lookahead', 'tta', 'mirror')
-
 # Of the series' features (ablations/README.md), this baseline has only the 6-view TTA.
 features = ('tta',)
 
@@ -54,7 +51,7 @@ hyp = {
 #           Data and augmentation           #
 #############################################
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10's (a cache of another dataset carries its own)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
@@ -96,8 +93,8 @@ class CifarLoader:
         data = load_cifar10(path, train)
         self.images = data['images'].to(self.device).permute(0, 3, 1, 2).float().div(255)
         self.labels, self.classes = data['labels'].to(self.device), data['classes']
-        self.mean = torch.tensor(CIFAR_MEAN, device=self.device).view(1, 3, 1, 1)  # made once, not per batch:
-        self.std = torch.tensor(CIFAR_STD, device=self.device).view(1, 3, 1, 1)    # a copy to the GPU would block
+        self.mean = torch.tensor(data['mean'], device=self.device).view(1, 3, 1, 1)  # made once, not per batch:
+        self.std = torch.tensor(data['std'], device=self.device).view(1, 3, 1, 1)    # a copy to the GPU would block
         self.batch_size = batch_size
         self.drop_last = train if drop_last is None else drop_last
         self.shuffle = train if shuffle is None else shuffle
@@ -113,8 +110,8 @@ class CifarLoader:
         check(len(self.images) == len(self.labels),
               f"loader has {len(self.images)} images but {len(self.labels)} labels")
         flip = torch.rand(len(self.images), device=self.device) < 0.5  # random flip: a fresh half every epoch
-        order = torch.randperm(len(self.images), device=self.device) if self.shuffle else torch.arange(
-            len(self.images), device=self.device)
+        n = len(self.images)
+        order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
         for i in range(len(self)):
             indices = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.augment(self.normalize(self.images[indices]), flip[indices]), self.labels[indices]
@@ -158,7 +155,7 @@ class Net(nn.Module):
     """ResNet-18 for 32x32 images: a 3x3 stem (no max-pool), four stages of two BasicBlocks,
     global average pooling and a linear classifier. PyTorch's default init throughout."""
 
-    def __init__(self, widths):
+    def __init__(self, widths, num_classes=10):
         super().__init__()
         widths = list(widths.values())
         self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, padding=1, bias=False), nn.BatchNorm2d(widths[0]),
@@ -168,15 +165,15 @@ class Net(nn.Module):
             stages += [BasicBlock(channels_in, width, stride=1 if i == 0 else 2), BasicBlock(width, width, stride=1)]
             channels_in = width
         self.layers = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(widths[-1], 10)
+        self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x):
         return self.head(self.layers(self.stem(x))).float()  # logits in float32, whatever precision computed them
 
 
-def make_net(widths=None):
+def make_net(widths=None, num_classes=10):
     """A fresh ResNet-18 (float32, on the CPU)."""
-    return Net(widths or hyp['net']['widths']).to(memory_format=torch.channels_last)
+    return Net(widths or hyp['net']['widths'], num_classes).to(memory_format=torch.channels_last)
 
 #############################################
 #         Optimizer, lr schedule          #
@@ -226,7 +223,7 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
         train_loader = CifarLoader(default_data_dir(), batch_size=opt['batch_size'], aug=hyp['aug'])
     device, dtype = choose_device_and_dtype(train_loader.device, dtype)
     total_steps = math.ceil(opt['epochs'] * len(train_loader))
-    net = set_precision(make_net().to(device), dtype)
+    net = set_precision(make_net(num_classes=len(train_loader.classes)).to(device), dtype)
     optimizer = make_optimizer(net, opt, train_loader.batch_size)
 
     books = Bookkeeper(train_loader, dtype, opt, report, checkpoint, progress)  # the clock starts here
@@ -414,8 +411,9 @@ def default_data_dir():
 
 
 def load_cifar10(data_dir, train=True):
-    """{'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes'} of a split, from <data_dir>/{train,test}.pt,
-    which are first written from the official cifar-10-python.tar.gz if absent (downloaded if need be)."""
+    """{'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes', 'mean', 'std'} of a split, from
+    <data_dir>/{train,test}.pt, which are first written from the official cifar-10-python.tar.gz if absent
+    (downloaded if need be). A cache of another dataset carries its classes and its normalization."""
     path = os.path.join(data_dir, 'train.pt' if train else 'test.pt')
     fix = (f"Fix: point --data-dir (or AIRBENCH_DATA) at a directory holding train.pt and test.pt, or, without "
            f"network, put the official cifar-10-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) in {data_dir}.")
@@ -425,13 +423,15 @@ def load_cifar10(data_dir, train=True):
         data = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise AirbenchError(f"cannot read {path} ({type(e).__name__}: {e}); delete it to write it again. {fix}")
-    images, labels = (data.get('images'), data.get('labels')) if isinstance(data, dict) else (None, None)
+    data = data if isinstance(data, dict) else {}
+    images, labels, classes = data.get('images'), data.get('labels'), data.get('classes') or [str(k) for k in range(10)]
     check(isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
           and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
-          and len(labels) > 0 and 0 <= labels.min() and labels.max() <= 9,
+          and len(labels) > 0 and 0 <= labels.min() and labels.max() < len(classes),
           f"{path} is not a CIFAR-10 {'train' if train else 'test'} cache: expected a dict with 'images' (uint8 "
           f"[N,32,32,3]) and 'labels' (int64 [N], values 0-9). Delete it to write it again. {fix}")
-    return {'images': images, 'labels': labels, 'classes': data.get('classes')}
+    return {'images': images, 'labels': labels, 'classes': classes, 'mean': data.get('mean', CIFAR_MEAN),
+            'std': data.get('std', CIFAR_STD)}
 
 
 def write_cache_from_archive(data_dir, fix):
@@ -472,6 +472,8 @@ def load_checkpoint(path, identity):
         saved = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise AirbenchError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); delete it to start over")
+    check(isinstance(saved, dict) and 'identity' in saved, f"{path} is not a checkpoint of this version of the "
+          f"scripts; delete it to start over")
     differences = [f'{key}: {saved["identity"].get(key)} there, {value} here' for key, value in identity.items()
                    if saved['identity'].get(key) != value]
     check(not differences, f"the checkpoint {path} was saved by another training ({'; '.join(differences)}); "

@@ -1,6 +1,8 @@
 """What every study shares: its command line, n seeded trainings per arm with airbench94's pieces,
-and the logs (logs/<experiment>/<timestamp>/log.pt and log.txt, rewritten after every run, so an
-interrupted study keeps every finished run).
+and the logs: logs/<experiment>/<key>/log.pt and log.txt, rewritten after every run, <key> naming
+the study's arguments (all but --runs and --logs). So an interrupted study keeps every finished run,
+and the same command run again continues it, where it stopped, up to --runs per arm: a study can be
+spread over several sittings.
 
 A study defines its arms as a dict {arm name: function(seed) -> run record} (see `train_run`) and
 calls `run_study`; the first arm is the baseline the others are tested against (Welch's t-test).
@@ -8,7 +10,7 @@ Where that baseline is airbench94 unchanged, `--baseline-from` takes its runs fr
 study's log instead of training them again.
 """
 import argparse
-import datetime
+import hashlib
 import os
 import pathlib
 import sys
@@ -29,7 +31,8 @@ def parse_args(description, argv=None, epochs=airbench94.hyp['opt']['epochs'], r
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--runs', type=int, default=None,
                         help=f'trainings per arm (default: 10 on a GPU, {runs_on_cpu} on a CPU)')
-    parser.add_argument('--epochs', type=float, default=epochs, help='training length of every arm (default: %(default)s)')
+    parser.add_argument('--epochs', type=float, default=epochs,
+                        help="training length of every arm (default: %(default)s; None: each script's own)")
     parser.add_argument('--data-dir', default=airbench94.default_data_dir(), help='directory with train.pt/test.pt (default: %(default)s)')
     parser.add_argument('--seed', type=int, default=0, help='run i of every arm uses seed + i (paired arms) (default: %(default)s)')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best available)')
@@ -43,7 +46,7 @@ def parse_args(description, argv=None, epochs=airbench94.hyp['opt']['epochs'], r
     args = parser.parse_args(argv)
     if args.runs is not None and args.runs < 1:
         parser.error(f'--runs must be at least 1, got {args.runs}')
-    if not 0 < args.epochs < float('inf'):
+    if args.epochs is not None and not 0 < args.epochs < float('inf'):
         parser.error(f'--epochs must be a positive number, got {args.epochs}')
     try:
         args.device, args.dtype = airbench94.choose_device_and_dtype(args.device)
@@ -66,9 +69,10 @@ def loaders(args, loader_class=airbench94.CifarLoader, aug=None):
         sys.exit(f'{pathlib.Path(sys.argv[0]).name}: error: {e}')
 
 
-def train_run(args, train_loader, test_loader, seed, epoch_fields=None, **overrides):
-    """One airbench94 training and its TTA evaluation, as a run record: seed, tta_val_acc, seconds,
-    predictions (test-set argmax, for per-example statistics) and per-epoch rows (train_loss,
+def train_run(args, train_loader, test_loader, seed, epoch_fields=None, script=airbench94, **overrides):
+    """One training of `script` (airbench94 by default) and its TTA evaluation, as a run record: seed, tta_val_acc, seconds,
+    per-example test results, compact (predictions: the argmax, uint8; correct_probability: the TTA
+    softmax of the true class, float16), and per-epoch rows (train_loss,
     train_acc, val_acc, tta_val_acc (final epoch only: 6 views cost an epoch's worth of time on a
     CPU), seconds, and whatever `epoch_fields(epoch, net, optimizer, opt)` returns: it runs at the
     start of each epoch, as train()'s on_epoch_start hook, and may change the training)."""
@@ -81,18 +85,20 @@ def train_run(args, train_loader, test_loader, seed, epoch_fields=None, **overri
     def report(row):
         rows.append({**row, 'tta_val_acc': None, **fields})
 
-    overrides = {'epochs': args.epochs, **overrides}
-    net = airbench94.train(train_loader, test_loader, dtype=args.dtype, report=report,
-                           on_epoch_start=on_epoch_start, seed=seed, **overrides)
-    airbench94.synchronize(args.device)
+    overrides = {'epochs': args.epochs or script.hyp['opt']['epochs'], **overrides}
+    net = script.train(train_loader, test_loader, dtype=args.dtype, report=report,
+                       on_epoch_start=on_epoch_start, seed=seed, **overrides)
+    script.synchronize(args.device)
     start = time.perf_counter()
-    logits = airbench94.infer(net, test_loader)
-    airbench94.synchronize(args.device)
+    logits = script.infer(net, test_loader)
+    script.synchronize(args.device)
     predictions = logits.argmax(1)
     rows[-1]['tta_val_acc'] = (predictions == test_loader.labels).float().mean().item()
     rows[-1]['seconds'] += time.perf_counter() - start
+    correct_probability = logits.softmax(1)[torch.arange(len(logits), device=logits.device), test_loader.labels]
     return {'seed': seed, 'tta_val_acc': rows[-1]['tta_val_acc'], 'seconds': rows[-1]['seconds'],
-            'predictions': predictions.cpu(), 'epochs': rows, 'train_epochs': overrides['epochs']}
+            'predictions': predictions.to(torch.uint8).cpu(), 'correct_probability': correct_probability.half().cpu(),
+            'epochs': rows, 'train_epochs': overrides['epochs']}
 
 
 def summary_table(arms, baselines=None):
@@ -155,26 +161,40 @@ def earlier_baseline_runs(args, name):
     return {run['seed']: run for arm in arms for run in log['arms'][arm] if run.get('train_epochs') == args.epochs}
 
 
+def study_directory(args, name):
+    """logs/<experiment>/<key>: the key names every argument but --runs and --logs, so that the same
+    command, run again, finds the study it continues (and other arguments start another)."""
+    config = {key: value for key, value in config_of(args).items() if key not in ('runs', 'logs')}
+    key = hashlib.sha1(repr(sorted(config.items())).encode()).hexdigest()[:12]
+    epochs = 'own' if args.epochs is None else f'{args.epochs:g}'
+    return pathlib.Path(args.logs) / name / f'epochs{epochs}_seed{args.seed}_{key}'
+
+
 def run_study(name, question, args, arms, summarize_extra=None, baselines=None, test_labels=None):
     """Run every arm args.runs times (run i of each arm with seed args.seed + i, arms interleaved so
     that an interrupted study stays balanced), log after every run, print the summary and return
-    the log. `summarize_extra(log) -> text` adds the study's own statistics; `baselines` maps an
-    arm to the arm it is tested against (default: every arm against the first); `test_labels`
-    are kept in the log for per-example statistics."""
+    the log. A study already logged with these arguments is continued: its finished runs are kept
+    and only the missing ones trained. `summarize_extra(log) -> text` adds the study's own
+    statistics; `baselines` maps an arm to the arm it is tested against (default: every arm against
+    the first); `test_labels` are kept in the log for per-example statistics."""
     airbench94.tune_process_for(args.device)
-    stamp = datetime.datetime.now().strftime('%Y-%m-%d_%H-%M-%S')
-    directory = pathlib.Path(args.logs) / name / stamp
+    directory = study_directory(args, name)
     config = config_of(args)
     reused = earlier_baseline_runs(args, name) if getattr(args, 'baseline_from', None) else {}
     baseline_arm = next(iter(arms))
     log = {'experiment': name, 'question': question, 'config': config, 'torch': torch.__version__,
            'arms': {arm: [] for arm in arms}, 'baselines': baselines,
            'test_labels': None if test_labels is None else test_labels.cpu()}
+    if (directory / 'log.pt').exists():
+        log['arms'].update(torch.load(directory / 'log.pt', weights_only=False)['arms'])
+        print(f'continuing {directory}: {", ".join(f"{len(runs)} run(s) of {arm}" for arm, runs in log["arms"].items())}')
     print(f'{name}: {question}\n{args.runs} run(s) per arm on {args.device} ({str(args.dtype).removeprefix("torch.")}); '
           f'logs in {directory}', flush=True)
     try:
         for i in range(args.runs):
             for arm, run in arms.items():
+                if len(log['arms'][arm]) > i:  # finished in an earlier sitting
+                    continue
                 earlier = reused.get(args.seed + i) if arm == baseline_arm else None
                 record = {**earlier, 'reused_from': args.baseline_from} if earlier else run(args.seed + i)
                 log['arms'][arm].append(record)
@@ -186,7 +206,8 @@ def run_study(name, question, args, arms, summarize_extra=None, baselines=None, 
     except airbench94.AirbenchError as e:
         sys.exit(f'{name}: error: {e}')
     except KeyboardInterrupt:
-        print('\ninterrupted: the log keeps every finished run', file=sys.stderr)
+        print('\ninterrupted: the log keeps every finished run; the same command continues the study',
+              file=sys.stderr)
     log['summary'] = summary_table(log['arms'], baselines)
     extra = summarize_extra(log) if summarize_extra else ''
     if any(log['arms'].values()):

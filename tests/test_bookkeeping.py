@@ -33,10 +33,13 @@ def test_the_tool_carries_an_edit_to_every_copy_and_leaves_the_rest_alone(tmp_pa
 
 
 @pytest.mark.parametrize('name', ALL_SCRIPTS)
-def test_the_method_comes_first_and_train_fits_on_a_screen(name):
+def test_the_method_comes_first_each_name_once_and_train_fits_on_a_screen(name):
     own, shared = sync_bookkeeping.split(REPO / f'{name}.py')
     tree = ast.parse(own + shared)
     defined_in_own = {node.name for node in ast.parse(own).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     assert {'CifarLoader', 'make_net', 'train', 'infer', 'evaluate'} <= defined_in_own
+    names = [node.name if hasattr(node, 'name') else node.targets[0].id for node in tree.body
+             if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign))]
+    assert len(names) == len(set(names))  # nothing defined twice
     (train,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == 'train']
     assert train.end_lineno - train.lineno + 1 <= 70

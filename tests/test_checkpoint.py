@@ -53,6 +53,9 @@ def test_a_checkpoint_of_another_training_is_refused(script, tiny_data_dir, tmp_
     checkpoint.write_bytes(b'half a file')
     with pytest.raises(script.AirbenchError, match='cannot read the checkpoint'):
         script.train(train, dtype=torch.float32, epochs=1, seed=0, checkpoint=checkpoint)
+    torch.save({'net': {}, 'step': 3}, checkpoint)  # an older layout, without the training's identity
+    with pytest.raises(script.AirbenchError, match='not a checkpoint of this version'):
+        script.train(train, dtype=torch.float32, epochs=1, seed=0, checkpoint=checkpoint)
 
 
 @ONLY_AIRBENCH94

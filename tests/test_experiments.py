@@ -2,6 +2,7 @@
 and every study end to end on the tiny synthetic dataset (narrow networks, batches of 64)."""
 import math
 import sys
+import types
 
 import pytest
 import torch
@@ -109,6 +110,9 @@ def test_study_runs_end_to_end_and_logs_everything(name, extra, tiny_studies, ti
             assert {'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'seconds'} <= set(run['epochs'][-1])
             assert run['epochs'][-1]['tta_val_acc'] == run['tta_val_acc']
             assert 0 <= run['tta_val_acc'] <= 1 and run['predictions'].shape == (64,)
+            assert run['predictions'].dtype == torch.uint8 and run['correct_probability'].dtype == torch.float16
+            if saved['test_labels'] is not None:  # the studies of per-example statistics keep the labels
+                assert (run['predictions'] == saved['test_labels']).float().mean().item() == run['tta_val_acc']
     text = (directory / 'log.txt').read_text()
     assert log['summary'] in text and log['summary'] in capsys.readouterr().out
 
@@ -160,3 +164,41 @@ def test_bad_study_flags_exit_with_a_message(tiny_data_dir, capsys):
     assert '--runs must be at least 1' in capsys.readouterr().err
     with pytest.raises(SystemExit, match='--fraction must be in'):
         data_selection.main(['--fraction', '1.5', '--data-dir', str(tiny_data_dir)])
+
+
+def test_the_same_command_continues_a_study_where_it_stopped(tiny_studies, tiny_data_dir, tmp_path, monkeypatch):
+    """Spread over sittings: a study run again with the same arguments keeps its finished runs and trains
+    only the missing ones, arms interleaved, up to --runs per arm."""
+    common = ['--epochs', '1', '--seed', '0', '--device', 'cpu', '--data-dir', str(tiny_data_dir), '--logs', str(tmp_path)]
+    first = flip_study.main(common + ['--runs', '1'])['arms']
+    train_run, calls = harness.train_run, []
+
+    def interrupted_on_the_fourth(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return train_run(*args, **kwargs)
+    monkeypatch.setattr(harness, 'train_run', interrupted_on_the_fourth)
+    partial = flip_study.main(common + ['--runs', '3'])['arms']  # trains run 2 of both arms, then run 3 of the first
+    assert [len(runs) for runs in partial.values()] == [3, 2] and len(calls) == 4
+    monkeypatch.setattr(harness, 'train_run', train_run)
+    final = flip_study.main(common + ['--runs', '3'])['arms']
+    [directory] = (tmp_path / 'flip_study').iterdir()
+    assert [len(runs) for runs in final.values()] == [3, 3]
+    for arm in final:
+        assert [run['seed'] for run in final[arm]] == [0, 1, 2]
+        assert final[arm][0]['seconds'] == first[arm][0]['seconds']  # kept, not trained again
+    other = flip_study.main(common[:1] + ['2'] + common[2:] + ['--runs', '1'])  # other arguments: another study
+    assert len(list((tmp_path / 'flip_study').iterdir())) == 2 and all(len(runs) == 1 for runs in other['arms'].values())
+
+
+def test_data_selection_ranks_by_the_maximum_log_softmax(tiny_studies, tiny_data_dir, monkeypatch):
+    """The release's confidence: the largest log-probability, whatever the label (not the true class's)."""
+    logits = torch.tensor([[5.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.0, 9.0, 0.0], [2.0, 0.0, 0.0]])
+    monkeypatch.setattr(harness.airbench94, 'train', lambda *args, **kwargs: None)
+    monkeypatch.setattr(harness.airbench94, 'infer', lambda net, loader, tta_level: logits)
+    loader = types.SimpleNamespace(labels=torch.tensor([1, 0, 1, 1]))
+    args = types.SimpleNamespace(dtype=torch.float32, first_epochs=1, fraction=0.5)
+    indices, confidence = data_selection.least_confident(args, loader, seed=0)
+    assert torch.allclose(confidence, logits.log_softmax(1).amax(1))
+    assert indices.tolist() == [1, 3]  # the flattest and the next flattest, labels aside

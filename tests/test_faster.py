@@ -67,3 +67,38 @@ def test_flops_count_the_proxy_too(faster, monkeypatch):
     fewer_proxy_steps = sum(faster.count_flops(2160, 1024, 10_000, tta_level=2))
     assert fewer_proxy_steps < with_proxy
     assert with_proxy / 1e15 == pytest.approx(3.1, rel=0.03)  # published: 3.1 PFLOPs
+
+
+def test_the_recipe_is_the_one_published(faster, tiny_data_dir, monkeypatch):
+    """As released (it decides which examples are kept): both networks' weight decay is computed for the
+    stream's batch, not the half each trains on; the proxy trains from its one scoring forward of the
+    whole batch, with no lookahead, its whitening bias frozen at zero and the lr schedule over the
+    stream's steps; the main network's whitening bias trains throughout."""
+    loader = faster.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=faster.hyp['aug'], device='cpu')
+    decay_batches, proxy_inputs, averaged, nets, proxies, multipliers, biases = [], [], [], [], [], [], []
+    make_optimizer, make_net, make_proxy, LookaheadState = (faster.make_optimizer, faster.make_net, faster.make_proxy,
+                                                             faster.LookaheadState)
+    monkeypatch.setattr(faster, 'make_optimizer', lambda net, opt, batch_size: decay_batches.append(batch_size)
+                        or make_optimizer(net, opt, batch_size))
+    monkeypatch.setattr(faster, 'make_net', lambda: nets.append(make_net()) or nets[-1])
+
+    def recorded_proxy():
+        proxies.append(make_proxy())
+        proxies[-1].register_forward_hook(lambda module, inputs, output: proxy_inputs.append(len(inputs[0])))
+        return proxies[-1]
+    monkeypatch.setattr(faster, 'make_proxy', recorded_proxy)
+    monkeypatch.setattr(faster, 'LookaheadState', lambda net: averaged.append(net) or LookaheadState(net))
+    sgd_step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, 'step', lambda self, *a, **k: multipliers.append(
+        self.param_groups[0]['lr'] / self.param_groups[0]['initial_lr']) or sgd_step(self, *a, **k))
+    faster.train(loader, dtype=torch.float32, epochs=5, seed=0,  # 20 steps of 4 an epoch
+                 report=lambda row: biases.append(nets[0].whiten.bias.detach().clone()))
+    assert decay_batches == [64, 64]  # the main network's, then the proxy's: the whole batch
+    assert proxy_inputs == [64] * 20  # one forward of the whole batch a step, none other
+    assert averaged == nets  # only the main network has a lookahead
+    (proxy,) = proxies
+    assert not proxy.whiten.bias.requires_grad and torch.all(proxy.whiten.bias == 0)
+    opt = faster.hyp['opt']
+    assert multipliers[:5] == pytest.approx([faster.lr_multiplier(step, 20, opt['lr_warmup'], opt['lr_start'],
+                                                                  opt['lr_end']) for step in (0, 4, 8, 12, 16)])
+    assert all(not torch.equal(a, b) for a, b in zip(biases, biases[1:]))  # trained in every epoch

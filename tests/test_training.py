@@ -109,6 +109,8 @@ def test_training_end_to_end_learns_and_reports_each_epoch(script, loaders):
 
 def test_whitening_bias_freezes_after_its_epochs(script, loaders, monkeypatch):
     only_for(script, 'LookaheadState')  # airbench94_muon: tests/test_muon.py
+    if 'whiten_bias_epochs' not in script.hyp['opt']:
+        pytest.skip(f'{script.__name__} trains its whitening bias throughout (tests/test_faster.py)')
     train, _ = loaders
     nets, biases = [], []
     make_net = script.make_net

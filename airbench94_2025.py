@@ -1,0 +1,853 @@
+"""airbench94_2025.py: 94% on CIFAR-10 in 0.27 PFLOPs, the 2025 record.
+
+    python airbench94_2025.py             # train, print a table per epoch, log to logs/<run id>/
+    python airbench94_2025.py --help      # every flag
+
+The September 2025 record for 94% (github.com/hiverge/cifar10-speedrun: 94.01%, n=200, in 2.015 s on
+an A100), grown from airbench94_muon.py: batch 1536 and 243 steps, label smoothing 0.09, SiLU in the
+blocks, whitening from 960 images, brightness and contrast jitter, Muon with momentum 0.655, its
+filters renormalized ever more rarely and decayed after each step, and test-time augmentation only
+for the least confident quarter of the test set. About 0.27 PFLOPs.
+
+The method comes first, in the order a reader learns it; the command line and bookkeeping (devices,
+data files, checkpoints, logs) follow at the end, the same in every script of the family. Importing
+this file only defines things: `hyp`, `CifarLoader`, `make_net`, `init_whitening_conv`, `train`,
+`infer`, `evaluate` and `main` are its API (see README.md).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+hyp = {
+    'opt': {
+        'epochs': 7.59,             # ceil(7.59 * 32) = 243 steps: the shortest training that still averages 94%
+        'batch_size': 1536,         # 32 steps an epoch
+        'muon_lr': 0.205,           # Muon's step along the orthogonalized direction
+        'muon_momentum': 0.655,     # Nesterov momentum of the filters' gradients
+        'muon_decay': 1.0418e-6,    # per example: after each step the filters shrink by muon_lr * this * batch size
+        'bias_lr': 0.0573,          # SGD lr of the whitening and BatchNorm biases
+        'head_lr': 0.5415,          # SGD lr of the (unit-std) head
+        'momentum': 0.825,          # Nesterov momentum of the SGD parameters
+        'weight_decay': 1.0418e-6,  # SGD decay per step and per example
+        'label_smoothing': 0.09,    # less than airbench94's 0.2: the jitter regularizes too
+        'whiten_bias_epochs': 0.19,  # the whitening bias trains ceil(0.19 * 32) = 7 steps (lr falling to 0)
+        'seed': None,               # None draws a fresh seed per training
+    },
+    'aug': {
+        'flip': True,               # alternating flip: each image in both orientations every 2 epochs
+        'translate': 2,             # reflect-pad by 2 and crop back at a random offset per image
+        'brightness': 0.1399,       # then x <- (x + u) * (1 + v) per image, u ~ U(-0.1399, 0.1399)...
+        'contrast': 0.1308,         # ...and v ~ U(-0.1308, 0.1308), on the normalized image
+    },
+    'net': {
+        'widths': {'block1': 64, 'block2': 256, 'block3': 256},
+        'batchnorm_momentum': 0.5566,  # paper convention: running = 0.5566*running + 0.4434*batch
+        'whitening_images': 960,    # the whitening filters come from this many training images
+        'tta_level': 3,             # 0, 1, 2 as airbench94's; 3: one view, six for the least confident quarter
+        'tta_fraction': 0.25,       # at level 3, the share of test images that get six views
+    },
+}
+
+#############################################
+#           Data and augmentation           #
+#############################################
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10's (a cache of another dataset carries its own)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+def batch_translate(images, r):
+    """Reflect-pad each image by r and crop it back at an independent uniform offset in [-r, r]^2."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (r, r, r, r), mode='reflect')
+    dy, dx = torch.randint(0, 2 * r + 1, (2, n, 1), device=images.device)
+    rows = (dy + torch.arange(h, device=images.device))[:, None, :, None]
+    cols = (dx + torch.arange(w, device=images.device))[:, None, None, :]
+    batch = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def batch_cutout(images, size):
+    """Zero one size x size square per image, placed uniformly so that it lies wholly inside."""
+    n, _, h, w = images.shape
+    y0, x0 = (torch.randint(0, h - size + 1, (2, n, 1, 1), device=images.device))
+    ys = torch.arange(h, device=images.device)[None, :, None]
+    xs = torch.arange(w, device=images.device)[None, None, :]
+    square = (ys >= y0) & (ys < y0 + size) & (xs >= x0) & (xs < x0 + size)
+    return images.masked_fill(square[:, None], 0)
+
+
+def batch_jitter(images, brightness, contrast):
+    """Per image, x <- (x + u) * (1 + v), u uniform in [-brightness, brightness], v in [-contrast, contrast]."""
+    u = (torch.rand(len(images), 1, 1, 1, device=images.device) * 2 - 1) * brightness
+    v = (torch.rand(len(images), 1, 1, 1, device=images.device) * 2 - 1) * contrast
+    return (images + u) * (1 + v)
+
+
+class CifarLoader:
+    """One CIFAR-10 split held whole on the device, iterated as normalized, augmented batches.
+
+    `images` (float [N,3,32,32] in [0,1]) and `labels` (int64 [N]) may be replaced, e.g. by a
+    subset, before iterating. `aug` keys: flip (bool), translate (pixels), cutout (square size),
+    brightness and contrast (jitter ranges).
+    """
+
+    def __init__(self, path, train=True, batch_size=500, aug=None, drop_last=None, shuffle=None, device=None):
+        self.aug = dict(aug or {})
+        unknown = sorted(set(self.aug) - {'flip', 'translate', 'cutout', 'brightness', 'contrast'})
+        check(not unknown, f"unknown augmentation(s) {unknown}: use flip, translate, cutout, brightness, contrast")
+        check(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
+        self.device = choose_device_and_dtype(device)[0]
+        data = load_cifar10(path, train)
+        self.images = data['images'].to(self.device).permute(0, 3, 1, 2).float().div(255)
+        self.labels, self.classes = data['labels'].to(self.device), data['classes']
+        self.mean = torch.tensor(data['mean'], device=self.device).view(1, 3, 1, 1)  # made once, not per batch:
+        self.std = torch.tensor(data['std'], device=self.device).view(1, 3, 1, 1)    # a copy to the GPU would block
+        self.batch_size = batch_size
+        self.drop_last = train if drop_last is None else drop_last
+        self.shuffle = train if shuffle is None else shuffle
+        self.epoch = 0  # passes so far; train() sets it to 0 for a fresh flip pattern
+
+    def __len__(self):
+        n = len(self.images)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def normalize(self, images):
+        return (images - self.mean) / self.std
+
+    def __iter__(self):
+        check(len(self.images) == len(self.labels),
+              f"loader has {len(self.images)} images but {len(self.labels)} labels")
+        if self.epoch == 0:  # alternating flip: a random half of the images is flipped in the first epoch...
+            self.flipped = torch.rand(len(self.images), device=self.device) < 0.5
+        flip = self.flipped ^ (self.epoch % 2 == 1)  # ...and every image is flipped the other way in odd epochs
+        self.epoch += 1
+        n = len(self.images)
+        order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
+        for i in range(len(self)):
+            indices = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.augment(self.normalize(self.images[indices]), flip[indices]), self.labels[indices]
+
+    def augment(self, images, flip):
+        # Augmenting each batch as it is drawn gives every image the same independent draws as
+        # augmenting the whole epoch up front, with no epoch-sized temporaries.
+        if self.aug.get('flip'):
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        if self.aug.get('translate'):
+            images = batch_translate(images, self.aug['translate'])
+        if self.aug.get('cutout'):
+            images = batch_cutout(images, self.aug['cutout'])
+        if self.aug.get('brightness') or self.aug.get('contrast'):
+            images = batch_jitter(images, self.aug.get('brightness', 0), self.aug.get('contrast', 0))
+        return images
+
+#############################################
+#                 Network                   #
+#############################################
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm with its scale fixed at 1 (only the bias trains) and paper-convention momentum."""
+
+    def __init__(self, num_features, momentum, eps=1e-12):
+        super().__init__(num_features, eps=eps, momentum=1 - momentum)
+        self.weight.requires_grad = False
+
+
+class Conv(nn.Conv2d):
+    """3x3 'same' conv, initialized as partial identity: the first in_channels filters pass their
+    input channel through unchanged, so each block starts close to the identity map."""
+
+    def __init__(self, channels_in, channels_out):
+        super().__init__(channels_in, channels_out, kernel_size=3, padding='same', bias=False)
+        with torch.no_grad():
+            nn.init.dirac_(self.weight[:channels_in])
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, channels_in, channels_out, batchnorm_momentum):
+        super().__init__()
+        self.conv1 = Conv(channels_in, channels_out)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = BatchNorm(channels_out, batchnorm_momentum)
+        self.conv2 = Conv(channels_out, channels_out)
+        self.norm2 = BatchNorm(channels_out, batchnorm_momentum)
+        self.activ = nn.SiLU()  # the record's; GELU stays after the whitening conv
+
+    def forward(self, x):
+        x = self.activ(self.norm1(self.pool(self.conv1(x))))
+        return self.activ(self.norm2(self.conv2(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, widths, batchnorm_momentum):
+        super().__init__()
+        self.whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)
+        self.whiten.weight.requires_grad = False  # set from the data by init_whitening_conv, frozen
+        nn.init.zeros_(self.whiten.bias)
+        self.layers = nn.Sequential(
+            nn.GELU(),
+            ConvGroup(24, widths['block1'], batchnorm_momentum),
+            ConvGroup(widths['block1'], widths['block2'], batchnorm_momentum),
+            ConvGroup(widths['block2'], widths['block3'], batchnorm_momentum),
+            nn.MaxPool2d(3),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(widths['block3'], 10, bias=False)
+        with torch.no_grad():
+            self.head.weight /= self.head.weight.std()  # unit std: the 1/width below sets the logits' scale
+        self.scaling_factor = 1 / widths['block3']
+
+    def forward(self, x):
+        logits = self.head(self.layers(self.whiten(x)))
+        return logits.float() * self.scaling_factor  # scaled in float32, whatever precision computed them
+
+
+def make_net(widths=None, batchnorm_momentum=None):
+    """A fresh airbench94_2025 network (float32, on the CPU, whitening weights not yet set)."""
+    widths = widths or hyp['net']['widths']
+    batchnorm_momentum = hyp['net']['batchnorm_momentum'] if batchnorm_momentum is None else batchnorm_momentum
+    return Net(widths, batchnorm_momentum).to(memory_format=torch.channels_last)
+
+#############################################
+#       Whitening conv initialization       #
+#############################################
+
+
+def get_patches(images, patch_size):
+    """All patch_size x patch_size patches of images [N,C,H,W], flattened to rows of C*k*k."""
+    c, k = images.shape[1], patch_size
+    patches = images.unfold(2, k, 1).unfold(3, k, 1)  # [N,C,H',W',k,k]
+    return patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * k * k)
+
+
+@torch.no_grad()
+def init_whitening_conv(layer, images, eps=5e-4):
+    """Set `layer` (a Conv2d(3, 2*3*k*k, k)) to whiten the k x k patches of `images` (normalized
+    training images [N,3,32,32]): each eigenvector of the patch covariance, scaled by
+    1/sqrt(eigenvalue + eps), largest first, followed by all of their negations."""
+    k = layer.kernel_size[0]
+    patches = get_patches(images.float(), k)
+    covariance = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(covariance.double())
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.flip(1)  # largest first
+    filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).reshape(-1, images.shape[1], k, k)
+    layer.weight.copy_(torch.cat([filters, -filters]))
+
+#############################################
+#         Optimizers: SGD and Muon          #
+#############################################
+
+
+def newton_schulz(matrices, steps=3, dtype=torch.bfloat16):
+    """For each matrix G, an approximately orthogonal matrix with G's singular vectors (U V^T, singular
+    values near 1), by `steps` iterations of X <- a X + (b A + c A^2) X, A = X X^T, with the record's
+    coefficients. All matrices at once: zero-padded into one batch (a zero row or column stays zero,
+    so each comes out as it would alone), each with at least as many columns as rows."""
+    a, b, c = 3.4576, -4.7391, 2.0843
+    tall = [G.size(0) > G.size(1) for G in matrices]
+    matrices = [G.T if t else G for G, t in zip(matrices, tall)]
+    rows, cols = max(G.size(0) for G in matrices), max(G.size(1) for G in matrices)
+    X = torch.stack([F.pad(G / (G.norm() + 1e-7), (0, cols - G.size(1), 0, rows - G.size(0))) for G in matrices])
+    X = X.to(dtype)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    results = [x[:G.size(0), :G.size(1)] for x, G in zip(X, matrices)]
+    return [x.T if t else x for x, t in zip(results, tall)]
+
+
+def renormalizing(step, total_steps):
+    """Whether Muon rescales the filters at `step`: every 2nd step at first, every 16th at the end."""
+    return step % (2 + int(15 * step / total_steps)) == 0
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for conv filters, as in the record: every filter tensor moves by lr along its orthogonalized
+    Nesterov momentum (reshaped to [out_channels, in_channels*k*k]; all tensors orthogonalized in one
+    batch), is rescaled to Frobenius norm sqrt(out_channels) first where group['renormalize'] says so,
+    and shrinks by a factor (1 - lr * decay) after (decoupled weight decay)."""
+
+    def __init__(self, params, lr, momentum, decay, newton_schulz_dtype=torch.float32):
+        super().__init__(params, dict(lr=lr, momentum=momentum, decay=decay, renormalize=True))
+        self.newton_schulz_dtype = newton_schulz_dtype
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group['params'] if p.grad is not None]
+            directions = []
+            for p in params:
+                if 'momentum_buffer' not in self.state[p]:  # made once, not at every step
+                    self.state[p]['momentum_buffer'] = torch.zeros_like(p.grad)
+                buffer = self.state[p]['momentum_buffer']
+                buffer.mul_(group['momentum']).add_(p.grad)
+                directions.append(p.grad.add(buffer, alpha=group['momentum']).reshape(len(p), -1))  # Nesterov
+                if group['renormalize']:
+                    p.mul_(len(p) ** 0.5 / p.norm())
+            updates = newton_schulz(directions, dtype=self.newton_schulz_dtype) if params else []
+            for p, update in zip(params, updates):
+                p.add_(update.view_as(p).to(p.dtype), alpha=-group['lr'])
+                p.mul_(1 - group['lr'] * group['decay'])
+
+
+def make_optimizers(net, opt, batch_size, newton_schulz_dtype=torch.float32):
+    """(SGD, Muon). Muon trains every trainable 4-D weight (the 3x3 convs; the whitening weights are
+    frozen); Nesterov SGD the whitening bias, the BatchNorm biases and the head, with the same decay
+    per step for all (weight_decay * batch_size, passed to PyTorch divided by each group's lr)."""
+    filters = [p for p in net.parameters() if p.requires_grad and p.ndim == 4]
+    norm_biases = [m.bias for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    decay = opt['weight_decay'] * batch_size
+    groups = [dict(params=[net.whiten.bias], lr=opt['bias_lr'], weight_decay=decay / opt['bias_lr']),
+              dict(params=norm_biases, lr=opt['bias_lr'], weight_decay=decay / opt['bias_lr']),
+              dict(params=[net.head.weight], lr=opt['head_lr'], weight_decay=decay / opt['head_lr'])]
+    sgd = torch.optim.SGD(groups, momentum=opt['momentum'], nesterov=True)
+    muon = Muon(filters, lr=opt['muon_lr'], momentum=opt['muon_momentum'], decay=opt['muon_decay'] * batch_size,
+                newton_schulz_dtype=newton_schulz_dtype)
+    for optimizer in (sgd, muon):
+        for group in optimizer.param_groups:
+            group['initial_lr'] = group['lr']
+    return sgd, muon
+
+
+def newton_schulz_dtype(device):
+    """Newton-Schulz needs little precision: float16 on CUDA (the record's), bfloat16 on CPUs with bf16
+    instructions, float32 elsewhere (emulated bfloat16 is many times slower)."""
+    if device.type == 'cuda':
+        return torch.float16
+    return torch.bfloat16 if device.type == 'cpu' and cpu_has_bf16() else torch.float32
+
+#############################################
+#                Training                   #
+#############################################
+
+
+def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_epoch_start=None, checkpoint=None,
+          progress=False, **overrides):
+    """Train a fresh network and return it.
+
+    train_loader: a training CifarLoader (default: the data dir's training set with hyp['aug']).
+    test_loader:  if given, val_acc is measured after each epoch (not counted in `seconds`).
+    dtype:        compute precision (default: choose_device_and_dtype's choice for the device).
+    report:       called after each epoch with a dict: epoch, train_loss, train_acc, val_acc,
+                  seconds (cumulative training time, GPU-synchronized, evaluation excluded).
+    on_epoch_start: called as on_epoch_start(epoch, net, (sgd, muon), opt) before each epoch (0-based);
+                  it may change `opt` (read at every step) or the optimizers: the hook for experiments.
+    checkpoint:   a path: the training state is saved there after every epoch, and a training that
+                  finds one there continues from it (bit for bit on a CPU), replaying its epochs' reports.
+    progress:     show a progress line inside long epochs.
+    overrides:    any key of hyp['opt'], e.g. epochs=7, muon_lr=0.2, label_smoothing=0, seed=0.
+    """
+    opt = Bookkeeper.options(overrides)
+    if train_loader is None:
+        train_loader = CifarLoader(default_data_dir(), batch_size=opt['batch_size'], aug=hyp['aug'])
+    device, dtype = choose_device_and_dtype(train_loader.device, dtype)
+    train_loader.epoch = 0  # a fresh alternating-flip pattern for every training
+    total_steps = math.ceil(opt['epochs'] * len(train_loader))
+    net = set_precision(make_net().to(device), dtype)
+    if dtype == torch.float16:
+        net.half()  # the record's precision: BatchNorm in float16 too
+    sgd, muon = make_optimizers(net, opt, train_loader.batch_size, newton_schulz_dtype(device))
+    whiten_bias_steps = math.ceil(opt['whiten_bias_epochs'] * len(train_loader))
+
+    books = Bookkeeper(train_loader, dtype, opt, report, checkpoint, progress)  # the clock starts here
+    init_whitening_conv(net.whiten, train_loader.normalize(train_loader.images[:hyp['net']['whitening_images']]))
+    step = books.resume(net=net, sgd=sgd, muon=muon, loader=train_loader)
+    for epoch in range(len(books.history), math.ceil(opt['epochs'])):  # a resumed training skips its finished epochs
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, net, (sgd, muon), opt)
+        net.train()
+        for inputs, labels in books.batches(train_loader, step):
+            net.whiten.bias.requires_grad = step < whiten_bias_steps
+            outputs = net(inputs)
+            loss = F.cross_entropy(outputs, labels, label_smoothing=opt['label_smoothing'], reduction='sum')
+            loss.backward()
+            whiten_bias_group, *other_groups = sgd.param_groups + muon.param_groups  # fresh: a resume replaces them
+            whiten_bias_group['lr'] = whiten_bias_group['initial_lr'] * max(0.0, 1 - step / whiten_bias_steps)
+            for group in other_groups:
+                group['lr'] = group['initial_lr'] * (1 - step / total_steps)  # linear to 0, no warm-up
+            muon.param_groups[0]['renormalize'] = renormalizing(step, total_steps)
+            for optimizer in (sgd, muon):
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            books.count(loss, outputs, labels)
+        books.end_epoch(net, test_loader, step)
+    return net
+
+#############################################
+#      Test-time augmentation (TTA)         #
+#############################################
+
+TTA_VIEWS = {0: 1, 1: 2, 2: 6, 3: 1 + 6 * hyp['net']['tta_fraction']}  # views per image at each tta_level
+
+
+def tta_logits(net, images, tta_level):
+    """Level 0: one view. 1: mean with the mirror. 2: half that, plus a quarter each of the same
+    for the image shifted one pixel up-left and down-right (reflect-padded): 6 views."""
+    def mirrored(x):
+        return 0.5 * (net(x) + net(x.flip(-1)))
+    if tta_level == 0:
+        return net(images)
+    if tta_level == 1:
+        return mirrored(images)
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode='reflect')
+    shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
+    return 0.5 * mirrored(images) + 0.25 * (mirrored(shifted[0]) + mirrored(shifted[1]))
+
+
+def six_views(net, images):
+    """The record's TTA of an image: the mean of six views, the image and its two 1-pixel shifts, each
+    with its mirror, with equal weights."""
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1), mode='reflect')
+    views = [images, padded[..., :h, :w], padded[..., 2:, 2:]]
+    return sum(net(view) + net(view.flip(-1)) for view in views) / 6
+
+
+@torch.no_grad()
+def infer(net, loader, tta_level=None, batch_size=2000):
+    """Logits [N,10] for every image of `loader`, in its stored order (no augmentation, no shuffle).
+    Level 3, the record's selective TTA: one view for every image, then six views (six_views) for the
+    least confident tta_fraction of them (the lowest maximum softmax), whose logits they replace."""
+    tta_level = hyp['net']['tta_level'] if tta_level is None else tta_level
+    check(tta_level in TTA_VIEWS, f"tta_level must be one of {sorted(TTA_VIEWS)}, got {tta_level}")
+    was_training = net.training
+    net.eval()
+
+    def batched(views, images):
+        return torch.cat([views(loader.normalize(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    logits = batched(lambda x: tta_logits(net, x, 0 if tta_level == 3 else tta_level), loader.images)
+    if tta_level == 3:
+        least_confident = logits.softmax(1).amax(1).argsort()[:round(hyp['net']['tta_fraction'] * len(logits))]
+        logits[least_confident] = batched(lambda x: six_views(net, x), loader.images[least_confident])
+    net.train(was_training)
+    return logits
+
+
+def evaluate(net, loader, tta_level=None):
+    """Accuracy (a float in [0, 1]) of `net` on every image of `loader`."""
+    return (infer(net, loader, tta_level).argmax(1) == loader.labels).float().mean().item()
+
+#############################################
+#   This script's part of the bookkeeping   #
+#############################################
+
+GPU_RUNS = 25  # trainings per command on a GPU (1 on a CPU)
+
+
+def count_flops(total_steps, batch_size, test_images, tta_level):
+    """(training FLOPs, evaluation FLOPs) of a run, counted by torch.utils.flop_counter on one real
+    forward+backward and one forward of a small batch (both are linear in the batch size)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net, x = make_net(), torch.randn(2, 3, 32, 32)
+    init_whitening_conv(net.whiten, x)
+    with FlopCounterMode(display=False) as counter:
+        net(x).sum().backward()
+    train_flops = counter.get_total_flops() / len(x) * batch_size * total_steps
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x)
+    return train_flops, counter.get_total_flops() / len(x) * TTA_VIEWS[tta_level] * test_images
+
+
+def warm_up(args, train_loader, test_loader):
+    """An untimed training first on a GPU: cudnn's autotuning and lazy initialization stay out of the timings."""
+    if args.device.type == 'cuda':
+        train(train_loader, test_loader, dtype=args.dtype, epochs=args.epochs)
+
+#############################################
+#       Command line and bookkeeping        #
+#############################################
+# The same, byte for byte, in every script of the family: edit it in airbench94.py, then carry it to the
+# others with `python tests/sync_bookkeeping.py` (tests/test_bookkeeping.py fails while a copy differs).
+
+import argparse  # noqa: E402
+import ctypes  # noqa: E402
+import itertools  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import sys  # noqa: E402
+import tarfile  # noqa: E402
+import time  # noqa: E402
+
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+COLUMNS = ('run', 'epoch', 'train_loss', 'train_acc', 'val_acc', 'tta_val_acc', 'seconds')
+
+
+class AirbenchError(Exception):
+    """A problem the user can fix (bad flag, missing data, diverged run): main() prints it, no traceback."""
+
+
+def check(condition, message):
+    if not condition:
+        raise AirbenchError(message)
+
+
+def cpu_has_bf16():
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def choose_device_and_dtype(device=None, dtype=None):
+    """The device and precision policy: float16 on CUDA (BatchNorm in float32, as published), bfloat16
+    autocast on a CPU with bf16 instructions, float32 elsewhere. Returns (torch.device, torch.dtype)."""
+    available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
+    try:
+        device = torch.device(device or next(kind for kind, present in available.items() if present))
+    except (RuntimeError, TypeError):
+        raise AirbenchError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
+    check(available.get(device.type), f"device {str(device)!r} was asked for, but PyTorch sees none here (no CUDA "
+          f"GPU, no MPS backend, or a kind these scripts do not support); use --device cpu")
+    if dtype is None:
+        dtype = {'cuda': 'float16', 'cpu': 'bfloat16' if cpu_has_bf16() else 'float32'}.get(device.type, 'float32')
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    check(dtype in DTYPES.values(), f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return device, dtype
+
+
+def precision_problem(device, dtype):
+    """Why `dtype` cannot train on `device` (naming what works), or None. The command line refuses such a
+    choice; train() accepts any, so that tests can run CUDA's float16 on a CPU."""
+    works = 'bfloat16 (this CPU has bf16 instructions) or float32' if cpu_has_bf16() else 'float32'
+    if device.type == 'cpu' and dtype == torch.float16:
+        return f"--dtype float16 is for CUDA GPUs; on the CPU use {works}"
+    if device.type == 'cpu' and dtype == torch.bfloat16 and not cpu_has_bf16():
+        return "this CPU has no bf16 instructions, so bfloat16 would be emulated and many times slower; use float32"
+    if device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return "this GPU has no bfloat16 support; use float16 or float32"
+
+
+def set_precision(net, dtype):
+    """Make `net` compute in `dtype`. float16: half weights and inputs, float32 BatchNorm (as published).
+    bfloat16: float32 weights under bf16 autocast (bf16 weights would round away the small updates)."""
+    weights = torch.float16 if dtype == torch.float16 else torch.float32
+    net.to(weights)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.float()
+    forward = type(net).forward.__get__(net)  # the class's own, so that a second call does not wrap twice
+
+    def forward_in_precision(x):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return forward(x.to(weights, memory_format=torch.channels_last))
+    net.forward = forward_in_precision
+    return net
+
+
+def tune_process_for(device):
+    """Process-wide speedups, applied by main() only (never on import)."""
+    torch.backends.cudnn.benchmark = True  # pick the fastest conv kernels for our fixed shapes
+    if device.type == 'cpu' and sys.platform.startswith('linux'):
+        # glibc hands freed large blocks back to the OS, so every step would page-fault its ~1 GB of
+        # activations back in: a third of a CPU step. Serve them from a heap that never shrinks instead.
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-4, 0)  # M_MMAP_MAX
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+
+
+def synchronize(device):
+    """Wait for queued GPU work, so that wall-clock time measures it."""
+    if device.type != 'cpu':
+        getattr(torch, device.type).synchronize()
+
+
+def default_data_dir():
+    return os.environ.get('AIRBENCH_DATA', './cifar10')
+
+
+def load_cifar10(data_dir, train=True):
+    """{'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes', 'mean', 'std'} of a split, from
+    <data_dir>/{train,test}.pt, which are first written from the official cifar-10-python.tar.gz if absent
+    (downloaded if need be). A cache of another dataset carries its classes and its normalization."""
+    path = os.path.join(data_dir, 'train.pt' if train else 'test.pt')
+    fix = (f"Fix: point --data-dir (or AIRBENCH_DATA) at a directory holding train.pt and test.pt, or, without "
+           f"network, put the official cifar-10-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) in {data_dir}.")
+    if not os.path.exists(path):
+        write_cache_from_archive(data_dir, fix)
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise AirbenchError(f"cannot read {path} ({type(e).__name__}: {e}); delete it to write it again. {fix}")
+    data = data if isinstance(data, dict) else {}
+    images, labels, classes = data.get('images'), data.get('labels'), data.get('classes') or [str(k) for k in range(10)]
+    check(isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
+          and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
+          and len(labels) > 0 and 0 <= labels.min() and labels.max() < len(classes),
+          f"{path} is not a CIFAR-10 {'train' if train else 'test'} cache: expected a dict with 'images' (uint8 "
+          f"[N,32,32,3]) and 'labels' (int64 [N], values 0-9). Delete it to write it again. {fix}")
+    return {'images': images, 'labels': labels, 'classes': classes, 'mean': data.get('mean', CIFAR_MEAN),
+            'std': data.get('std', CIFAR_STD)}
+
+
+def write_cache_from_archive(data_dir, fix):
+    """Write train.pt and test.pt from the official archive's pickled batches, downloaded first if absent."""
+    archive = os.path.join(data_dir, 'cifar-10-python.tar.gz')
+    try:
+        if not os.path.exists(archive):
+            from torchvision.datasets.utils import download_url
+            download_url('https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz', data_dir,
+                         'cifar-10-python.tar.gz', md5='c58f30108f718f92721af3b95e74349a')
+    except Exception as e:
+        raise AirbenchError(f"CIFAR-10 is not in {data_dir} and downloading it failed ({type(e).__name__}: {e}). {fix}")
+    try:
+        with tarfile.open(archive) as tar:
+            names = ['batches.meta', 'test_batch'] + [f'data_batch_{i}' for i in range(1, 6)]
+            batches = {name: pickle.load(tar.extractfile(f'cifar-10-batches-py/{name}'), encoding='bytes')
+                       for name in names}
+        classes = [name.decode() for name in batches['batches.meta'][b'label_names']]
+        for split, names in (('train', names[2:]), ('test', ['test_batch'])):
+            images = torch.cat([torch.tensor(batches[name][b'data'], dtype=torch.uint8) for name in names])
+            labels = torch.cat([torch.tensor(batches[name][b'labels']) for name in names])
+            save_atomically({'images': images.view(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous(), 'labels': labels,
+                             'classes': classes}, os.path.join(data_dir, f'{split}.pt'))
+    except Exception as e:
+        raise AirbenchError(f"cannot read {archive} as the CIFAR-10 python archive ({type(e).__name__}: {e}). {fix}")
+
+
+def save_atomically(obj, path):
+    """An interrupted write leaves the previous complete file, never half of one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(obj, f'{path}.tmp')
+    os.replace(f'{path}.tmp', path)
+
+
+def load_checkpoint(path, identity):
+    """The training state saved at `path`, after checking that the same training saved it."""
+    try:
+        saved = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise AirbenchError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); delete it to start over")
+    check(isinstance(saved, dict) and 'identity' in saved, f"{path} is not a checkpoint of this version of the "
+          f"scripts; delete it to start over")
+    differences = [f'{key}: {saved["identity"].get(key)} there, {value} here' for key, value in identity.items()
+                   if saved['identity'].get(key) != value]
+    check(not differences, f"the checkpoint {path} was saved by another training ({'; '.join(differences)}); "
+          f"use the flags it was saved with, or delete it to start over")
+    return saved
+
+
+def random_state(device, state=None):
+    """Every random state a training draws from (the CPU's, and the GPU's where the data lives there), or,
+    given `state`, set them to it."""
+    generators = [torch.default_generator]
+    if device.type != 'cpu':
+        generators.append(torch.cuda.default_generators[device.index or 0] if device.type == 'cuda' else
+                          torch.mps._get_default_mps_generator())
+    if state is None:
+        return [generator.get_state() for generator in generators]
+    for generator, saved in zip(generators, state):
+        generator.set_state(saved)
+
+
+class Bookkeeper:
+    """What train() keeps beside the method: its options, the clock (training only, GPU-synchronized), each
+    epoch's figures for `report`, a progress line inside long epochs, and a checkpoint after every epoch
+    from which the same training, run again, continues (bit for bit on a CPU)."""
+    min_epoch_seconds = 30  # shorter epochs (any GPU run) show no progress line, only their table row
+
+    @staticmethod
+    def options(overrides):
+        """hyp['opt'] with train()'s overrides, checked; the random state is seeded if a seed is given."""
+        unknown = sorted(set(overrides) - set(hyp['opt']))
+        check(not unknown, f"unknown training option(s) {unknown}; known: {', '.join(hyp['opt'])}")
+        opt = {**hyp['opt'], **overrides}
+        check(opt['epochs'] > 0, f"epochs must be positive, got {opt['epochs']}")
+        if opt['seed'] is not None:
+            torch.manual_seed(opt['seed'])
+        return opt
+
+    def __init__(self, loader, dtype, opt, report=None, checkpoint=None, progress=False):
+        check(len(loader) > 0, f"the training set ({len(loader.images)} images) is smaller than one batch "
+              f"({loader.batch_size})")
+        self.device, self.report, self.progress, self.path = loader.device, report, progress, checkpoint
+        self.steps_per_epoch, self.total_steps = len(loader), math.ceil(opt['epochs'] * len(loader))
+        self.identity = {**opt, **{section: hyp[section] for section in hyp if section != 'opt'},
+                         'train_images': len(loader.images), 'device': loader.device.type, 'dtype': str(dtype)}
+        self.history, self.seconds = [], 0.0
+        self.start_clock()
+
+    def start_clock(self):
+        synchronize(self.device)
+        self.start, self.loss_sum, self.correct, self.seen = time.perf_counter(), 0, 0, 0
+
+    def resume(self, **parts):
+        """Keep `parts` (net, optimizers, lookahead, loader) for the checkpoint; if one of this training is
+        saved, load them from it, replay its epochs to `report` and return its step, else 0."""
+        self.parts = parts
+        if self.path is None or not os.path.exists(self.path):
+            return 0
+        saved = load_checkpoint(self.path, self.identity)
+        for name, part in parts.items():
+            if hasattr(part, 'load_state_dict'):
+                part.load_state_dict(saved[name])
+            else:  # a loader's or a lookahead's plain attributes
+                vars(part).update({k: v.to(self.device) if torch.is_tensor(v) else v for k, v in saved[name].items()})
+        random_state(self.device, saved['random_state'])
+        self.history, self.seconds = saved['history'], saved['seconds']
+        for row in self.history if self.report else ():
+            self.report(row)
+        self.start_clock()
+        return saved['step']
+
+    def batches(self, loader, step, label=None):
+        """The loader's batches, up to the training's last step; inside long epochs, a progress line on stderr
+        every tenth of the epoch (rewritten in place on a terminal)."""
+        label = label or f'epoch {len(self.history) + 1}'
+        epoch_steps, tenths_shown, start = min(self.steps_per_epoch, self.total_steps - step), -1, time.perf_counter()
+        for done, batch in enumerate(itertools.islice(loader, epoch_steps), 1):
+            yield batch
+            seconds_per_step = (time.perf_counter() - start) / done
+            if self.progress and seconds_per_step * epoch_steps >= self.min_epoch_seconds:
+                if 10 * done // epoch_steps > tenths_shown:
+                    tenths_shown = 10 * done // epoch_steps
+                    line = (f'{label} step {done}/{epoch_steps}  {seconds_per_step:.2f} s/step  '
+                            f'{seconds_per_step * (epoch_steps - done) / 60:.1f} min left in the epoch, '
+                            f'{seconds_per_step * (self.total_steps - step - done) / 60:.1f} in the training')
+                    if sys.stderr.isatty():
+                        print('\r\x1b[K' + line, end='', file=sys.stderr, flush=True)  # rewritten in place
+                    else:
+                        print(line, file=sys.stderr, flush=True)
+
+    def count(self, loss, outputs, labels):
+        self.loss_sum = self.loss_sum + loss.detach()
+        self.correct = self.correct + (outputs.argmax(1) == labels).sum()
+        self.seen += len(labels)
+
+    def end_epoch(self, net, test_loader, step):
+        """Stop the clock; check the loss; record, save and report the epoch; restart the clock."""
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self.start
+        if self.progress and sys.stderr.isatty():
+            print('\r\x1b[K', end='', file=sys.stderr)  # the epoch's row takes the progress line's place
+        check(torch.isfinite(self.loss_sum), f"the training loss became {float(self.loss_sum)} in epoch "
+              f"{len(self.history) + 1}; training diverged (try a lower lr, or float32 with --dtype float32)")
+        self.history.append({'epoch': len(self.history) + 1, 'train_loss': float(self.loss_sum) / self.seen,
+                             'train_acc': float(self.correct) / self.seen,
+                             'val_acc': None if test_loader is None else evaluate(net, test_loader, tta_level=0),
+                             'seconds': self.seconds})
+        self.save(step)
+        if self.report is not None:
+            self.report(self.history[-1])
+        self.start_clock()
+
+    def save(self, step):
+        """Save the checkpoint, if one was asked for: the parts' state, with the random state and the figures."""
+        if self.path is not None:  # of a loader: its pass count and flips; of a lookahead: its averages
+            parts = {name: part.state_dict() if hasattr(part, 'state_dict') else
+                     {k: v for k, v in vars(part).items() if k in ('epoch', 'flipped', 'ema', 'kept')}
+                     for name, part in self.parts.items()}
+            save_atomically({'identity': self.identity, 'random_state': random_state(self.device), 'step': step,
+                             'seconds': self.seconds, 'history': self.history, **parts}, self.path)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--runs', type=int, help=f'trainings to run (default: {GPU_RUNS} on a GPU, 1 on a CPU)')
+    parser.add_argument('--epochs', type=float, default=hyp['opt']['epochs'],
+                        help='training length, may be fractional (default: %(default)s)')
+    parser.add_argument('--seed', type=int, help='seed of the first run (run i uses seed+i): the same seed, device '
+                        'and dtype give the same result')
+    parser.add_argument('--data-dir', default=default_data_dir(), help='directory with train.pt/test.pt, or the '
+                        'official cifar-10-python.tar.gz to write them from (downloaded there if absent) '
+                        '(default: env AIRBENCH_DATA, else %(default)s)')
+    parser.add_argument('--tta-level', type=int, default=hyp['net']['tta_level'], choices=sorted(TTA_VIEWS),
+                        help=f'test-time augmentation, {{level: views per image}} {TTA_VIEWS} (default: %(default)s)')
+    parser.add_argument('--device', help='cpu, cuda, cuda:N or mps (default: the best available)')
+    parser.add_argument('--dtype', choices=tuple(DTYPES), help='compute precision (default: float16 on CUDA, '
+                        'bfloat16 on CPUs with bf16 instructions, else float32)')
+    parser.add_argument('--no-log', action='store_true', help='do not write logs/<run id>/log.pt')
+    parser.add_argument('--checkpoint', metavar='PATH', help='save the training state to PATH after every epoch; '
+                        'the same command run again continues from it (for long CPU runs; one run only)')
+    args = parser.parse_args(argv)
+    try:
+        check(args.runs is None or args.runs >= 1, f'--runs must be at least 1, got {args.runs}')
+        check(not args.checkpoint or args.runs in (None, 1), f'--checkpoint keeps one training: use it with '
+              f'--runs 1, not {args.runs}')
+        check(0 < args.epochs < math.inf, f'--epochs must be a positive number, got {args.epochs}')
+        args.device, args.dtype = choose_device_and_dtype(args.device, args.dtype)
+        check(not precision_problem(args.device, args.dtype), precision_problem(args.device, args.dtype))
+    except AirbenchError as e:
+        parser.error(str(e))
+    if args.runs is None:
+        args.runs = GPU_RUNS if args.device.type == 'cuda' and not args.checkpoint else 1
+    return args
+
+
+def print_row(*cells):
+    cells = ['' if cell is None else f'{cell:.4f}' if isinstance(cell, float) else cell for cell in cells]
+    print('  '.join(f'{cell:>{len(name)}}' for cell, name in zip(cells, COLUMNS)), flush=True)
+
+
+def run_training(args, train_loader, test_loader, seed, run):
+    """One timed training and its TTA evaluation: prints the table rows and returns the run's record."""
+    epochs = []
+
+    def report(row):
+        epochs.append(row)
+        print_row(run, row['epoch'], row['train_loss'], row['train_acc'], row['val_acc'], None, f'{row["seconds"]:.2f}')
+    net = train(train_loader, test_loader, dtype=args.dtype, report=report, checkpoint=args.checkpoint,
+                progress=True, epochs=args.epochs, seed=seed)
+    synchronize(args.device)
+    start = time.perf_counter()
+    tta_val_acc = evaluate(net, test_loader, tta_level=args.tta_level)
+    synchronize(args.device)
+    seconds = epochs[-1]['seconds'] + time.perf_counter() - start
+    print_row(run, 'final', None, None, None, tta_val_acc, f'{seconds:.2f}')
+    return {'seed': seed, 'tta_val_acc': tta_val_acc, 'seconds': seconds, 'epochs': epochs}
+
+
+def main(argv=None):
+    args, name = parse_args(argv), os.path.basename(__file__)
+    tune_process_for(args.device)
+    log_path = os.path.join('logs', time.strftime('%Y-%m-%d_%H-%M-%S_') + os.urandom(3).hex(), 'log.pt')
+    resuming = args.checkpoint is not None and os.path.exists(args.checkpoint)
+    try:
+        train_loader = CifarLoader(args.data_dir, batch_size=hyp['opt']['batch_size'], aug=hyp['aug'],
+                                   device=args.device)
+        test_loader = CifarLoader(args.data_dir, train=False, batch_size=2000, device=args.device)
+        if resuming and args.seed is None:  # the same command again continues the same training
+            args.seed = load_checkpoint(args.checkpoint, identity={})['identity']['seed']
+    except AirbenchError as e:
+        sys.exit(f'{name}: error: {e}')
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little') >> 1
+    total_steps = math.ceil(args.epochs * len(train_loader))
+    train_flops, eval_flops = count_flops(total_steps, train_loader.batch_size, len(test_loader.images), args.tta_level)
+    print(f'device {args.device}, dtype {str(args.dtype)[6:]}, {args.runs} run(s) of {args.epochs} epochs '
+          f'({total_steps} steps), first seed {seed}')
+    print(f'{sum(p.numel() for p in make_net().parameters()):,} parameters; {(train_flops + eval_flops) / 1e15:.3f} '
+          f'PFLOPs per run (training {train_flops / 1e15:.3f} + TTA evaluation {eval_flops / 1e15:.4f})')
+    if resuming:
+        print(f'continuing the training saved in {args.checkpoint} (its finished epochs are replayed)')
+    with open(__file__) as f:
+        log = {'argv': sys.argv, 'source': f.read(), 'hyp': hyp, 'device': str(args.device), 'dtype': str(args.dtype),
+               'torch': torch.__version__, 'flops': train_flops + eval_flops, 'runs': []}
+    try:
+        warm_up(args, train_loader, test_loader)
+        print_row(*COLUMNS)
+        for i in range(args.runs):
+            log['runs'].append(run_training(args, train_loader, test_loader, seed + i, run=i + 1))
+            if not args.no_log:
+                save_atomically(log, log_path)
+    except AirbenchError as e:
+        sys.exit(f'{name}: error: {e}')
+    except KeyboardInterrupt:
+        print(f'\ninterrupted after {len(log["runs"])} complete run(s)', file=sys.stderr)
+    if log['runs']:
+        accs = torch.tensor([run['tta_val_acc'] for run in log['runs']]) * 100
+        seconds = sum(run['seconds'] for run in log['runs']) / len(log['runs'])
+        print(f'TTA accuracy per run: {", ".join(f"{acc:.2f}" for acc in accs.tolist())}')
+        std = f'{accs.std():.2f}' if len(accs) > 1 else 'n/a'
+        print(f'mean {accs.mean():.2f} ± {std} % over {len(accs)} run(s); {seconds:.2f} s per run; '
+              f'{log["flops"] / seconds / 1e12:.3f} TFLOP/s')
+    if log['runs'] and not args.no_log:
+        print(f'log: {log_path}')
+    if len(log['runs']) < args.runs:
+        sys.exit(130)
+
+
+if __name__ == '__main__':
+    main()
