@@ -395,19 +395,21 @@ def tta_logits(net, images, tta_level):
         return net(images)
     if tta_level == 1:
         return mirrored(images)
+    _, up_left, down_right = shifted_views(images)
+    return 0.5 * mirrored(images) + 0.25 * (mirrored(up_left) + mirrored(down_right))
+
+
+def shifted_views(images):
+    """The images and their two 1-pixel shifts, up-left and down-right (reflect-padded)."""
     h, w = images.shape[-2:]
     padded = F.pad(images, (1, 1, 1, 1), mode='reflect')
-    shifted = [padded[..., :h, :w], padded[..., 2:, 2:]]
-    return 0.5 * mirrored(images) + 0.25 * (mirrored(shifted[0]) + mirrored(shifted[1]))
+    return [images, padded[..., :h, :w], padded[..., 2:, 2:]]
 
 
 def six_views(net, images):
     """The record's TTA of an image: the mean of six views, the image and its two 1-pixel shifts, each
     with its mirror, with equal weights."""
-    h, w = images.shape[-2:]
-    padded = F.pad(images, (1, 1, 1, 1), mode='reflect')
-    views = [images, padded[..., :h, :w], padded[..., 2:, 2:]]
-    return sum(net(view) + net(view.flip(-1)) for view in views) / 6
+    return sum(net(view) + net(view.flip(-1)) for view in shifted_views(images)) / 6
 
 
 @torch.no_grad()

@@ -393,7 +393,8 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
             on_epoch_start(epoch, net, optimizer, opt)
         net.train()
         for inputs, labels in books.batches(train_loader, step):
-            inputs, labels = inputs[selection.kept[step]], labels[selection.kept[step]]  # the examples the proxy kept
+            kept = selection.kept[step]  # the examples the proxy kept
+            inputs, labels = inputs[kept], labels[kept]
             outputs = net(inputs)
             loss = F.cross_entropy(outputs, labels, label_smoothing=opt['label_smoothing'], reduction='sum')
             loss.backward()
