@@ -399,11 +399,9 @@ def warm_up(args, train_loader, test_loader):
 
 import argparse  # noqa: E402
 import ctypes  # noqa: E402
-import itertools  # noqa: E402
 import os  # noqa: E402
-import pickle  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
-import tarfile  # noqa: E402
 import time  # noqa: E402
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
@@ -431,8 +429,8 @@ def choose_device_and_dtype(device=None, dtype=None):
         device = torch.device(device or next(kind for kind, present in available.items() if present))
     except (RuntimeError, TypeError):
         raise AirbenchError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
-    check(available.get(device.type), f"device {str(device)!r} was asked for, but PyTorch sees none here (no CUDA "
-          f"GPU, no MPS backend, or a kind these scripts do not support); use --device cpu")
+    check(available.get(device.type), f"device {str(device)!r}: PyTorch sees none here (no CUDA GPU?); "
+          f"use --device cpu")
     if dtype is None:
         dtype = {'cuda': 'float16', 'cpu': 'bfloat16' if cpu_has_bf16() else 'float32'}.get(device.type, 'float32')
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -441,11 +439,9 @@ def choose_device_and_dtype(device=None, dtype=None):
 
 
 def precision_problem(device, dtype):
-    """Why `dtype` cannot train on `device` (naming what works), or None. The command line refuses such a
-    choice; train() accepts any, so that tests can run CUDA's float16 on a CPU."""
-    works = 'bfloat16 (this CPU has bf16 instructions) or float32' if cpu_has_bf16() else 'float32'
+    """Why `dtype` should not train on `device`, or None: the command line refuses it, train() runs it."""
     if device.type == 'cpu' and dtype == torch.float16:
-        return f"--dtype float16 is for CUDA GPUs; on the CPU use {works}"
+        return f"--dtype float16 is for CUDA GPUs; on the CPU use {'bfloat16 or ' if cpu_has_bf16() else ''}float32"
     if device.type == 'cpu' and dtype == torch.bfloat16 and not cpu_has_bf16():
         return "this CPU has no bf16 instructions, so bfloat16 would be emulated and many times slower; use float32"
     if device.type == 'cuda' and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
@@ -492,51 +488,33 @@ def default_data_dir():
 
 def load_cifar10(data_dir, train=True):
     """{'images': uint8 [N,32,32,3], 'labels': int64 [N], 'classes', 'mean', 'std'} of a split, from
-    <data_dir>/{train,test}.pt, which are first written from the official cifar-10-python.tar.gz if absent
-    (downloaded if need be). A cache of another dataset carries its classes and its normalization."""
+    <data_dir>/{train,test}.pt, written first from the official cifar-10-python.tar.gz there (downloaded if
+    absent or damaged). A cache of another dataset carries its own classes and normalization."""
     path = os.path.join(data_dir, 'train.pt' if train else 'test.pt')
     fix = (f"Fix: point --data-dir (or AIRBENCH_DATA) at a directory holding train.pt and test.pt, or, without "
            f"network, put the official cifar-10-python.tar.gz (www.cs.toronto.edu/~kriz/cifar.html) in {data_dir}.")
-    if not os.path.exists(path):
-        write_cache_from_archive(data_dir, fix)
+    try:
+        if not os.path.exists(path):
+            from torchvision.datasets import CIFAR10  # checks, reads and if need be downloads the official archive
+            for split in ('train', 'test'):
+                data = CIFAR10(data_dir, train=split == 'train', download=True)
+                save_atomically({'images': torch.tensor(data.data), 'labels': torch.tensor(data.targets),
+                                 'classes': data.classes}, os.path.join(data_dir, f'{split}.pt'))
+            shutil.rmtree(os.path.join(data_dir, 'cifar-10-batches-py'))  # the archive's unpacked copy
+    except Exception as e:
+        raise AirbenchError(f"CIFAR-10 is not in {data_dir}, and writing it from the official archive failed "
+                            f"({type(e).__name__}: {e}). {fix}") from None
     try:
         data = torch.load(path, map_location='cpu', weights_only=True)
+        images, labels, classes = data['images'], data['labels'], data.get('classes') or [str(k) for k in range(10)]
+        check(images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3) and labels.dtype == torch.int64
+              and labels.shape == images.shape[:1] and 0 <= labels.min() and labels.max() < len(classes),
+              "expected a dict of 'images', uint8 [N,32,32,3], and 'labels', int64 [N] in 0-9")
     except Exception as e:
-        raise AirbenchError(f"cannot read {path} ({type(e).__name__}: {e}); delete it to write it again. {fix}")
-    data = data if isinstance(data, dict) else {}
-    images, labels, classes = data.get('images'), data.get('labels'), data.get('classes') or [str(k) for k in range(10)]
-    check(isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.shape[1:] == (32, 32, 3)
-          and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.shape == images.shape[:1]
-          and len(labels) > 0 and 0 <= labels.min() and labels.max() < len(classes),
-          f"{path} is not a CIFAR-10 {'train' if train else 'test'} cache: expected a dict with 'images' (uint8 "
-          f"[N,32,32,3]) and 'labels' (int64 [N], values 0-9). Delete it to write it again. {fix}")
-    return {'images': images, 'labels': labels, 'classes': classes, 'mean': data.get('mean', CIFAR_MEAN),
-            'std': data.get('std', CIFAR_STD)}
-
-
-def write_cache_from_archive(data_dir, fix):
-    """Write train.pt and test.pt from the official archive's pickled batches, downloaded first if absent."""
-    archive = os.path.join(data_dir, 'cifar-10-python.tar.gz')
-    try:
-        if not os.path.exists(archive):
-            from torchvision.datasets.utils import download_url
-            download_url('https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz', data_dir,
-                         'cifar-10-python.tar.gz', md5='c58f30108f718f92721af3b95e74349a')
-    except Exception as e:
-        raise AirbenchError(f"CIFAR-10 is not in {data_dir} and downloading it failed ({type(e).__name__}: {e}). {fix}")
-    try:
-        with tarfile.open(archive) as tar:
-            names = ['batches.meta', 'test_batch'] + [f'data_batch_{i}' for i in range(1, 6)]
-            batches = {name: pickle.load(tar.extractfile(f'cifar-10-batches-py/{name}'), encoding='bytes')
-                       for name in names}
-        classes = [name.decode() for name in batches['batches.meta'][b'label_names']]
-        for split, names in (('train', names[2:]), ('test', ['test_batch'])):
-            images = torch.cat([torch.tensor(batches[name][b'data'], dtype=torch.uint8) for name in names])
-            labels = torch.cat([torch.tensor(batches[name][b'labels']) for name in names])
-            save_atomically({'images': images.view(-1, 3, 32, 32).permute(0, 2, 3, 1).contiguous(), 'labels': labels,
-                             'classes': classes}, os.path.join(data_dir, f'{split}.pt'))
-    except Exception as e:
-        raise AirbenchError(f"cannot read {archive} as the CIFAR-10 python archive ({type(e).__name__}: {e}). {fix}")
+        raise AirbenchError(f"cannot read {path} as a CIFAR-10 {'train' if train else 'test'} cache "
+                            f"({type(e).__name__}: {e}); delete it to write it again. {fix}") from None
+    return dict(images=images, labels=labels, classes=classes, mean=data.get('mean', CIFAR_MEAN),
+                std=data.get('std', CIFAR_STD))
 
 
 def save_atomically(obj, path):
@@ -550,20 +528,18 @@ def load_checkpoint(path, identity):
     """The training state saved at `path`, after checking that the same training saved it."""
     try:
         saved = torch.load(path, map_location='cpu', weights_only=True)
+        differences = [f'{key}: {saved["identity"].get(key)} there, {value} here' for key, value in identity.items()
+                       if saved['identity'].get(key) != value]
     except Exception as e:
-        raise AirbenchError(f"cannot read the checkpoint {path} ({type(e).__name__}: {e}); delete it to start over")
-    check(isinstance(saved, dict) and 'identity' in saved, f"{path} is not a checkpoint of this version of the "
-          f"scripts; delete it to start over")
-    differences = [f'{key}: {saved["identity"].get(key)} there, {value} here' for key, value in identity.items()
-                   if saved['identity'].get(key) != value]
+        raise AirbenchError(f"cannot read {path} as a checkpoint of these scripts ({type(e).__name__}: {e}); "
+                            f"delete it to start over") from None
     check(not differences, f"the checkpoint {path} was saved by another training ({'; '.join(differences)}); "
           f"use the flags it was saved with, or delete it to start over")
     return saved
 
 
 def random_state(device, state=None):
-    """Every random state a training draws from (the CPU's, and the GPU's where the data lives there), or,
-    given `state`, set them to it."""
+    """The random states a training draws from (the CPU's, and the GPU's holding the data), or set them to `state`."""
     generators = [torch.default_generator]
     if device.type != 'cpu':
         generators.append(torch.cuda.default_generators[device.index or 0] if device.type == 'cuda' else
@@ -592,8 +568,7 @@ class Bookkeeper:
         return opt
 
     def __init__(self, loader, dtype, opt, report=None, checkpoint=None, progress=False):
-        check(len(loader) > 0, f"the training set ({len(loader.images)} images) is smaller than one batch "
-              f"({loader.batch_size})")
+        check(len(loader) > 0, f"the training set ({len(loader.images)} images) is smaller than one batch")
         self.device, self.report, self.progress, self.path = loader.device, report, progress, checkpoint
         self.steps_per_epoch, self.total_steps = len(loader), math.ceil(opt['epochs'] * len(loader))
         self.identity = {**opt, **{section: hyp[section] for section in hyp if section != 'opt'},
@@ -625,23 +600,17 @@ class Bookkeeper:
         return saved['step']
 
     def batches(self, loader, step, label=None):
-        """The loader's batches, up to the training's last step; inside long epochs, a progress line on stderr
+        """The loader's batches up to the training's last step; inside long epochs, a progress line on stderr
         every tenth of the epoch (rewritten in place on a terminal)."""
-        label = label or f'epoch {len(self.history) + 1}'
-        epoch_steps, tenths_shown, start = min(self.steps_per_epoch, self.total_steps - step), -1, time.perf_counter()
-        for done, batch in enumerate(itertools.islice(loader, epoch_steps), 1):
+        steps, shown, start = min(self.steps_per_epoch, self.total_steps - step), -1, time.perf_counter()
+        for done, batch in zip(range(1, steps + 1), loader):
             yield batch
-            seconds_per_step = (time.perf_counter() - start) / done
-            if self.progress and seconds_per_step * epoch_steps >= self.min_epoch_seconds:
-                if 10 * done // epoch_steps > tenths_shown:
-                    tenths_shown = 10 * done // epoch_steps
-                    line = (f'{label} step {done}/{epoch_steps}  {seconds_per_step:.2f} s/step  '
-                            f'{seconds_per_step * (epoch_steps - done) / 60:.1f} min left in the epoch, '
-                            f'{seconds_per_step * (self.total_steps - step - done) / 60:.1f} in the training')
-                    if sys.stderr.isatty():
-                        print('\r\x1b[K' + line, end='', file=sys.stderr, flush=True)  # rewritten in place
-                    else:
-                        print(line, file=sys.stderr, flush=True)
+            per_step = (time.perf_counter() - start) / done
+            if self.progress and per_step * steps >= self.min_epoch_seconds and 10 * done // steps > shown:
+                shown, left = 10 * done // steps, (self.total_steps - step - done) * per_step / 60
+                print(f'{label or f"epoch {len(self.history) + 1}"} step {done}/{steps}  {per_step:.2f} s/step  '
+                      f'{per_step * (steps - done) / 60:.1f} min left in the epoch, {left:.1f} in the training',
+                      end='\x1b[K\r' if sys.stderr.isatty() else '\n', file=sys.stderr, flush=True)
 
     def count(self, loss, outputs, labels):
         self.loss_sum = self.loss_sum + loss.detach()
@@ -653,7 +622,7 @@ class Bookkeeper:
         synchronize(self.device)
         self.seconds += time.perf_counter() - self.start
         if self.progress and sys.stderr.isatty():
-            print('\r\x1b[K', end='', file=sys.stderr)  # the epoch's row takes the progress line's place
+            print('\x1b[K', end='', file=sys.stderr)  # the epoch's row takes the progress line's place
         check(torch.isfinite(self.loss_sum), f"the training loss became {float(self.loss_sum)} in epoch "
               f"{len(self.history) + 1}; training diverged (try a lower lr, or float32 with --dtype float32)")
         self.history.append({'epoch': len(self.history) + 1, 'train_loss': float(self.loss_sum) / self.seen,
@@ -680,11 +649,9 @@ def parse_args(argv):
     parser.add_argument('--runs', type=int, help=f'trainings to run (default: {GPU_RUNS} on a GPU, 1 on a CPU)')
     parser.add_argument('--epochs', type=float, default=hyp['opt']['epochs'],
                         help='training length, may be fractional (default: %(default)s)')
-    parser.add_argument('--seed', type=int, help='seed of the first run (run i uses seed+i): the same seed, device '
-                        'and dtype give the same result')
-    parser.add_argument('--data-dir', default=default_data_dir(), help='directory with train.pt/test.pt, or the '
-                        'official cifar-10-python.tar.gz to write them from (downloaded there if absent) '
-                        '(default: env AIRBENCH_DATA, else %(default)s)')
+    parser.add_argument('--seed', type=int, help='seed of the first run; run i uses seed+i (default: a random one)')
+    parser.add_argument('--data-dir', default=default_data_dir(), help='train.pt and test.pt, or the official '
+                        'cifar-10-python.tar.gz to write them from (default: env AIRBENCH_DATA, else %(default)s)')
     parser.add_argument('--tta-level', type=int, default=hyp['net']['tta_level'], choices=sorted(TTA_VIEWS),
                         help=f'test-time augmentation, {{level: views per image}} {TTA_VIEWS} (default: %(default)s)')
     parser.add_argument('--device', help='cpu, cuda, cuda:N or mps (default: the best available)')
@@ -722,41 +689,36 @@ def run_training(args, train_loader, test_loader, seed, run):
         print_row(run, row['epoch'], row['train_loss'], row['train_acc'], row['val_acc'], None, f'{row["seconds"]:.2f}')
     net = train(train_loader, test_loader, dtype=args.dtype, report=report, checkpoint=args.checkpoint,
                 progress=True, epochs=args.epochs, seed=seed)
-    synchronize(args.device)
-    start = time.perf_counter()
+    start = time.perf_counter()  # train() returns with the device synchronized; evaluate() ends synchronized
     tta_val_acc = evaluate(net, test_loader, tta_level=args.tta_level)
-    synchronize(args.device)
     seconds = epochs[-1]['seconds'] + time.perf_counter() - start
     print_row(run, 'final', None, None, None, tta_val_acc, f'{seconds:.2f}')
     return {'seed': seed, 'tta_val_acc': tta_val_acc, 'seconds': seconds, 'epochs': epochs}
 
 
 def main(argv=None):
-    args, name = parse_args(argv), os.path.basename(__file__)
+    args, resuming = parse_args(argv), False
     tune_process_for(args.device)
     log_path = os.path.join('logs', time.strftime('%Y-%m-%d_%H-%M-%S_') + os.urandom(3).hex(), 'log.pt')
-    resuming = args.checkpoint is not None and os.path.exists(args.checkpoint)
+    with open(__file__) as f:
+        log = {'argv': sys.argv, 'source': f.read(), 'hyp': hyp, 'device': str(args.device), 'dtype': str(args.dtype),
+               'torch': torch.__version__, 'runs': []}
     try:
         train_loader = CifarLoader(args.data_dir, batch_size=hyp['opt']['batch_size'], aug=hyp['aug'],
                                    device=args.device)
         test_loader = CifarLoader(args.data_dir, train=False, batch_size=2000, device=args.device)
-        if resuming and args.seed is None:  # the same command again continues the same training
-            args.seed = load_checkpoint(args.checkpoint, identity={})['identity']['seed']
-    except AirbenchError as e:
-        sys.exit(f'{name}: error: {e}')
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little') >> 1
-    total_steps = math.ceil(args.epochs * len(train_loader))
-    train_flops, eval_flops = count_flops(total_steps, train_loader.batch_size, len(test_loader.images), args.tta_level)
-    print(f'device {args.device}, dtype {str(args.dtype)[6:]}, {args.runs} run(s) of {args.epochs} epochs '
-          f'({total_steps} steps), first seed {seed}')
-    print(f'{sum(p.numel() for p in make_net().parameters()):,} parameters; {(train_flops + eval_flops) / 1e15:.3f} '
-          f'PFLOPs per run (training {train_flops / 1e15:.3f} + TTA evaluation {eval_flops / 1e15:.4f})')
-    if resuming:
-        print(f'continuing the training saved in {args.checkpoint} (its finished epochs are replayed)')
-    with open(__file__) as f:
-        log = {'argv': sys.argv, 'source': f.read(), 'hyp': hyp, 'device': str(args.device), 'dtype': str(args.dtype),
-               'torch': torch.__version__, 'flops': train_flops + eval_flops, 'runs': []}
-    try:
+        if args.checkpoint and os.path.exists(args.checkpoint):  # the same command again continues its training
+            saved_seed, resuming = load_checkpoint(args.checkpoint, identity={})['identity']['seed'], True
+            args.seed = saved_seed if args.seed is None else args.seed
+        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little') >> 1
+        total_steps = math.ceil(args.epochs * len(train_loader))
+        log['flops'] = sum(count_flops(total_steps, train_loader.batch_size, len(test_loader.images), args.tta_level))
+        print(f'device {args.device}, dtype {str(args.dtype)[6:]}, {args.runs} run(s) of {args.epochs} epochs '
+              f'({total_steps} steps), first seed {seed}')
+        print(f'{sum(p.numel() for p in make_net().parameters()):,} parameters; {log["flops"] / 1e15:.3f} PFLOPs per '
+              f'run (TTA evaluation included)')
+        if resuming:
+            print(f'continuing the training saved in {args.checkpoint} (its finished epochs are replayed)')
         warm_up(args, train_loader, test_loader)
         print_row(*COLUMNS)
         for i in range(args.runs):
@@ -764,19 +726,18 @@ def main(argv=None):
             if not args.no_log:
                 save_atomically(log, log_path)
     except AirbenchError as e:
-        sys.exit(f'{name}: error: {e}')
+        sys.exit(f'{os.path.basename(__file__)}: error: {e}')
     except KeyboardInterrupt:
         print(f'\ninterrupted after {len(log["runs"])} complete run(s)', file=sys.stderr)
-    if log['runs']:
-        accs = torch.tensor([run['tta_val_acc'] for run in log['runs']]) * 100
-        seconds = sum(run['seconds'] for run in log['runs']) / len(log['runs'])
+    accs = torch.tensor([run['tta_val_acc'] for run in log['runs']]) * 100
+    if len(accs):
         print(f'TTA accuracy per run: {", ".join(f"{acc:.2f}" for acc in accs.tolist())}')
         std = f'{accs.std():.2f}' if len(accs) > 1 else 'n/a'
-        print(f'mean {accs.mean():.2f} ± {std} % over {len(accs)} run(s); {seconds:.2f} s per run; '
-              f'{log["flops"] / seconds / 1e12:.3f} TFLOP/s')
-    if log['runs'] and not args.no_log:
+        print(f'mean {accs.mean():.2f} ± {std} % over {len(accs)} run(s); '
+              f'{sum(run["seconds"] for run in log["runs"]) / len(accs):.2f} s per run')
+    if len(accs) and not args.no_log:
         print(f'log: {log_path}')
-    if len(log['runs']) < args.runs:
+    if len(accs) < args.runs:
         sys.exit(130)
 
 

@@ -51,10 +51,10 @@ def test_a_checkpoint_of_another_training_is_refused(script, tiny_data_dir, tmp_
     with pytest.raises(script.AirbenchError, match='saved by another training .*seed: 0 there, 1 here'):
         script.train(train, dtype=torch.float32, epochs=1, seed=1, checkpoint=checkpoint)
     checkpoint.write_bytes(b'half a file')
-    with pytest.raises(script.AirbenchError, match='cannot read the checkpoint'):
+    with pytest.raises(script.AirbenchError, match='cannot read .* as a checkpoint of these scripts'):
         script.train(train, dtype=torch.float32, epochs=1, seed=0, checkpoint=checkpoint)
     torch.save({'net': {}, 'step': 3}, checkpoint)  # an older layout, without the training's identity
-    with pytest.raises(script.AirbenchError, match='not a checkpoint of this version'):
+    with pytest.raises(script.AirbenchError, match="as a checkpoint of these scripts \\(KeyError: 'identity'\\)"):
         script.train(train, dtype=torch.float32, epochs=1, seed=0, checkpoint=checkpoint)
 
 
