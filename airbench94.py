@@ -115,15 +115,14 @@ class CifarLoader:
             self.flipped = torch.rand(len(self.images), device=self.device) < 0.5
         flip = self.flipped ^ (self.epoch % 2 == 1)  # ...and every image is flipped the other way in odd epochs
         self.epoch += 1
+        images = self.augment(self.normalize(self.images), flip)  # the whole set at once: a few kernels an epoch
         n = len(self.images)
         order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
         for i in range(len(self)):
             indices = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.augment(self.normalize(self.images[indices]), flip[indices]), self.labels[indices]
+            yield images[indices], self.labels[indices]
 
     def augment(self, images, flip):
-        # Augmenting each batch as it is drawn gives every image the same independent draws as
-        # augmenting the whole epoch up front, with no epoch-sized temporaries.
         if self.aug.get('flip'):
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.aug.get('translate'):
@@ -254,7 +253,8 @@ def make_optimizer(net, opt, batch_size):
     lr_biases = lr * opt['bias_scaler']
     groups = [dict(params=norm_biases, lr=lr_biases, weight_decay=decay / lr_biases),
               dict(params=other_params, lr=lr, weight_decay=decay / lr)]
-    optimizer = torch.optim.SGD(groups, momentum=opt['momentum'], nesterov=True)
+    fused = next(net.parameters()).is_cuda  # one kernel a step for all the parameters on a GPU
+    optimizer = torch.optim.SGD(groups, momentum=opt['momentum'], nesterov=True, fused=fused)
     for group in optimizer.param_groups:
         group['initial_lr'] = group['lr']
     return optimizer

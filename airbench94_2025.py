@@ -47,6 +47,7 @@ hyp = {
         'whitening_images': 960,    # the whitening filters come from this many training images
         'tta_level': 3,             # 0, 1, 2 as airbench94's; 3: one view, six for the least confident quarter
         'tta_fraction': 0.25,       # at level 3, the share of test images that get six views
+        'compile_on': ('cuda',),    # device types to torch.compile on (on a CPU, oneDNN's eager kernels are faster)
     },
 }
 
@@ -125,15 +126,14 @@ class CifarLoader:
             self.flipped = torch.rand(len(self.images), device=self.device) < 0.5
         flip = self.flipped ^ (self.epoch % 2 == 1)  # ...and every image is flipped the other way in odd epochs
         self.epoch += 1
+        images = self.augment(self.normalize(self.images), flip)  # the whole set at once: a few kernels an epoch
         n = len(self.images)
         order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
         for i in range(len(self)):
             indices = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.augment(self.normalize(self.images[indices]), flip[indices]), self.labels[indices]
+            yield images[indices], self.labels[indices]
 
     def augment(self, images, flip):
-        # Augmenting each batch as it is drawn gives every image the same independent draws as
-        # augmenting the whole epoch up front, with no epoch-sized temporaries.
         if self.aug.get('flip'):
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.aug.get('translate'):
@@ -212,6 +212,14 @@ def make_net(widths=None, batchnorm_momentum=None):
     batchnorm_momentum = hyp['net']['batchnorm_momentum'] if batchnorm_momentum is None else batchnorm_momentum
     return Net(widths, batchnorm_momentum).to(memory_format=torch.channels_last)
 
+
+def compile_net(net, device):
+    """Compile `net` in place (max-autotune) where hyp['net']['compile_on'] names the device type. Compiled
+    code is cached by the code it compiles, not by the module: every later network reuses it."""
+    if device.type in hyp['net']['compile_on']:
+        net.compile(mode='max-autotune' if device.type == 'cuda' else None, dynamic=False)
+    return net
+
 #############################################
 #       Whitening conv initialization       #
 #############################################
@@ -272,9 +280,10 @@ class Muon(torch.optim.Optimizer):
     batch), is rescaled to Frobenius norm sqrt(out_channels) first where group['renormalize'] says so,
     and shrinks by a factor (1 - lr * decay) after (decoupled weight decay)."""
 
-    def __init__(self, params, lr, momentum, decay, newton_schulz_dtype=torch.float32):
+    def __init__(self, params, lr, momentum, decay, newton_schulz_dtype=torch.float32, compiled=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, decay=decay, renormalize=True))
         self.newton_schulz_dtype = newton_schulz_dtype
+        self.newton_schulz = torch.compile(newton_schulz, dynamic=False) if compiled else newton_schulz
 
     @torch.no_grad()
     def step(self):
@@ -289,13 +298,13 @@ class Muon(torch.optim.Optimizer):
                 directions.append(p.grad.add(buffer, alpha=group['momentum']).reshape(len(p), -1))  # Nesterov
                 if group['renormalize']:
                     p.mul_(len(p) ** 0.5 / p.norm())
-            updates = newton_schulz(directions, dtype=self.newton_schulz_dtype) if params else []
+            updates = self.newton_schulz(directions, dtype=self.newton_schulz_dtype) if params else []
             for p, update in zip(params, updates):
                 p.add_(update.view_as(p).to(p.dtype), alpha=-group['lr'])
                 p.mul_(1 - group['lr'] * group['decay'])
 
 
-def make_optimizers(net, opt, batch_size, newton_schulz_dtype=torch.float32):
+def make_optimizers(net, opt, batch_size, newton_schulz_dtype=torch.float32, compiled=False):
     """(SGD, Muon). Muon trains every trainable 4-D weight (the 3x3 convs; the whitening weights are
     frozen); Nesterov SGD the whitening bias, the BatchNorm biases and the head, with the same decay
     per step for all (weight_decay * batch_size, passed to PyTorch divided by each group's lr)."""
@@ -305,9 +314,10 @@ def make_optimizers(net, opt, batch_size, newton_schulz_dtype=torch.float32):
     groups = [dict(params=[net.whiten.bias], lr=opt['bias_lr'], weight_decay=decay / opt['bias_lr']),
               dict(params=norm_biases, lr=opt['bias_lr'], weight_decay=decay / opt['bias_lr']),
               dict(params=[net.head.weight], lr=opt['head_lr'], weight_decay=decay / opt['head_lr'])]
-    sgd = torch.optim.SGD(groups, momentum=opt['momentum'], nesterov=True)
+    fused = next(net.parameters()).is_cuda  # one kernel a step for all the parameters on a GPU
+    sgd = torch.optim.SGD(groups, momentum=opt['momentum'], nesterov=True, fused=fused)
     muon = Muon(filters, lr=opt['muon_lr'], momentum=opt['muon_momentum'], decay=opt['muon_decay'] * batch_size,
-                newton_schulz_dtype=newton_schulz_dtype)
+                newton_schulz_dtype=newton_schulz_dtype, compiled=compiled)
     for optimizer in (sgd, muon):
         for group in optimizer.param_groups:
             group['initial_lr'] = group['lr']
@@ -351,7 +361,9 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
     net = set_precision(make_net().to(device), dtype)
     if dtype == torch.float16:
         net.half()  # the record's precision: BatchNorm in float16 too
-    sgd, muon = make_optimizers(net, opt, train_loader.batch_size, newton_schulz_dtype(device))
+    net = compile_net(net, device)
+    compiled = device.type in hyp['net']['compile_on']  # the network and Newton-Schulz
+    sgd, muon = make_optimizers(net, opt, train_loader.batch_size, newton_schulz_dtype(device), compiled)
     whiten_bias_steps = math.ceil(opt['whiten_bias_epochs'] * len(train_loader))
 
     books = Bookkeeper(train_loader, dtype, opt, report, checkpoint, progress)  # the clock starts here
@@ -458,9 +470,11 @@ def count_flops(total_steps, batch_size, test_images, tta_level):
 
 
 def warm_up(args, train_loader, test_loader):
-    """An untimed training first on a GPU: cudnn's autotuning and lazy initialization stay out of the timings."""
+    """An untimed training and TTA evaluation first on a GPU: compilation, cudnn's autotuning and lazy
+    initialization stay out of the timings."""
     if args.device.type == 'cuda':
-        train(train_loader, test_loader, dtype=args.dtype, epochs=args.epochs)
+        net = train(train_loader, test_loader, dtype=args.dtype, epochs=args.epochs)
+        evaluate(net, test_loader, tta_level=args.tta_level)
 
 #############################################
 #       Command line and bookkeeping        #

@@ -48,6 +48,7 @@ hyp = {
         'batchnorm_momentum': 0.9,  # paper convention (= PyTorch's default 0.1): slow, for the long run
         'scaling_factor': 1 / 9,    # scales the logits down, so the large lr stays stable
         'tta_level': 2,             # 0: one view, 1: + mirror, 2: + two 1-pixel shifts (6 views)
+        'compile_on': ('cuda',),    # device types to torch.compile on (on a CPU, oneDNN's eager kernels are faster)
     },
     'proxy': {
         'widths': {'block1': 32, 'block2': 64, 'block3': 64},  # airbench94's blocks, small: cheap to run
@@ -123,15 +124,14 @@ class CifarLoader:
             self.flipped = torch.rand(len(self.images), device=self.device) < 0.5
         flip = self.flipped ^ (self.epoch % 2 == 1)  # ...and every image is flipped the other way in odd epochs
         self.epoch += 1
+        images = self.augment(self.normalize(self.images), flip)  # the whole set at once: a few kernels an epoch
         n = len(self.images)
         order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
         for i in range(len(self)):
             indices = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.augment(self.normalize(self.images[indices]), flip[indices]), self.labels[indices]
+            yield images[indices], self.labels[indices]
 
     def augment(self, images, flip):
-        # Augmenting each batch as it is drawn gives every image the same independent draws as
-        # augmenting the whole epoch up front, with no epoch-sized temporaries.
         if self.aug.get('flip'):
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.aug.get('translate'):
@@ -220,6 +220,14 @@ def make_proxy():
     return Net(hyp['proxy']['widths'], hyp['net']['batchnorm_momentum'], hyp['net']['scaling_factor'],
                residual=False).to(memory_format=torch.channels_last)
 
+
+def compile_net(net, device):
+    """Compile `net` in place (max-autotune) where hyp['net']['compile_on'] names the device type. Compiled
+    code is cached by the code it compiles, not by the module: every later network reuses it."""
+    if device.type in hyp['net']['compile_on']:
+        net.compile(mode='max-autotune' if device.type == 'cuda' else None, dynamic=False)
+    return net
+
 #############################################
 #       Whitening conv initialization       #
 #############################################
@@ -276,7 +284,8 @@ def make_optimizer(net, opt, batch_size):
     lr_biases = lr * opt['bias_scaler']
     groups = [dict(params=norm_biases, lr=lr_biases, weight_decay=decay / lr_biases),
               dict(params=other_params, lr=lr, weight_decay=decay / lr)]
-    optimizer = torch.optim.SGD(groups, momentum=opt['momentum'], nesterov=True)
+    fused = next(net.parameters()).is_cuda  # one kernel a step for all the parameters on a GPU
+    optimizer = torch.optim.SGD(groups, momentum=opt['momentum'], nesterov=True, fused=fused)
     for group in optimizer.param_groups:
         group['initial_lr'] = group['lr']
     return optimizer
@@ -322,7 +331,7 @@ def proxy_selection(train_loader, opt, total_steps, dtype, books):
     `books`: the training's Bookkeeper (the proxy's time counts in the run's)."""
     device = train_loader.device
     keep, train_every = kept_per_batch(train_loader.batch_size), hyp['proxy']['train_every']
-    proxy = set_precision(make_proxy().to(device), dtype)
+    proxy = compile_net(set_precision(make_proxy().to(device), dtype), device)
     init_whitening_conv(proxy.whiten, train_loader.normalize(train_loader.images[:5000]))
     proxy.whiten.bias.requires_grad = False  # stays at zero
     optimizer = make_optimizer(proxy, opt, train_loader.batch_size)
@@ -333,7 +342,8 @@ def proxy_selection(train_loader, opt, total_steps, dtype, books):
         for inputs, labels in books.batches(train_loader, step, label=f'proxy epoch {epoch + 1}'):
             training = step % train_every == 0
             with torch.set_grad_enabled(training):
-                losses = F.cross_entropy(proxy(inputs), labels, label_smoothing=opt['label_smoothing'], reduction='none')
+                losses = F.cross_entropy(proxy(inputs), labels, label_smoothing=opt['label_smoothing'],
+                                         reduction='none')
             kept[step] = keep_highest_loss(losses.detach(), keep)
             if training:
                 losses[kept[step]].sum().backward()
@@ -375,7 +385,7 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
     device, dtype = choose_device_and_dtype(train_loader.device, dtype)
     train_loader.epoch = 0  # a fresh alternating-flip pattern for every training
     total_steps = math.ceil(opt['epochs'] * len(train_loader))
-    net = set_precision(make_net().to(device), dtype)
+    net = compile_net(set_precision(make_net().to(device), dtype), device)
     optimizer = make_optimizer(net, opt, train_loader.batch_size)  # decay for the stream's batch, as published
 
     books = Bookkeeper(train_loader, dtype, opt, report, checkpoint, progress)  # the clock starts here
@@ -483,9 +493,11 @@ def count_flops(total_steps, batch_size, test_images, tta_level):
 
 
 def warm_up(args, train_loader, test_loader):
-    """An untimed training first on a GPU: cudnn's autotuning and lazy initialization stay out of the timings."""
+    """An untimed training and TTA evaluation first on a GPU: compilation, cudnn's autotuning and lazy
+    initialization stay out of the timings."""
     if args.device.type == 'cuda':
-        train(train_loader, test_loader, dtype=args.dtype, epochs=args.epochs)
+        net = train(train_loader, test_loader, dtype=args.dtype, epochs=args.epochs)
+        evaluate(net, test_loader, tta_level=args.tta_level)
 
 #############################################
 #       Command line and bookkeeping        #

@@ -110,15 +110,14 @@ class CifarLoader:
         check(len(self.images) == len(self.labels),
               f"loader has {len(self.images)} images but {len(self.labels)} labels")
         flip = torch.rand(len(self.images), device=self.device) < 0.5  # random flip: a fresh half every epoch
+        images = self.augment(self.normalize(self.images), flip)  # the whole set at once: a few kernels an epoch
         n = len(self.images)
         order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
         for i in range(len(self)):
             indices = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.augment(self.normalize(self.images[indices]), flip[indices]), self.labels[indices]
+            yield images[indices], self.labels[indices]
 
     def augment(self, images, flip):
-        # Augmenting each batch as it is drawn gives every image the same independent draws as
-        # augmenting the whole epoch up front, with no epoch-sized temporaries.
         if self.aug.get('flip'):
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         if self.aug.get('translate'):
@@ -216,8 +215,9 @@ def make_optimizer(net, opt, batch_size):
     lr = opt['lr'] / kilostep_scale                            # per step
     decay = opt['weight_decay'] * batch_size / kilostep_scale  # total decay per step, lr * wd
     params = [p for p in net.parameters() if p.requires_grad]
+    fused = next(net.parameters()).is_cuda  # one kernel a step for all the parameters on a GPU
     optimizer = torch.optim.SGD([dict(params=params, lr=lr, weight_decay=decay / lr)],
-                                momentum=opt['momentum'], nesterov=True)
+                                momentum=opt['momentum'], nesterov=True, fused=fused)
     for group in optimizer.param_groups:
         group['initial_lr'] = group['lr']
     return optimizer

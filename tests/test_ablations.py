@@ -17,7 +17,7 @@ KNOBS = {'whiten': set(), 'dirac': set(), 'scalebias': {('opt', 'bias_scaler')},
                        ('opt', 'lr'), ('opt', 'lr_warmup'), ('opt', 'lr_end'),     # and BatchNorm momentum
                        ('net', 'batchnorm_momentum')},
          'tta': {('net', 'tta_level')}, 'mirror': {('aug', 'flip')},  # flip: same value, new comment
-         'compile': set()}
+         'compile': {('net', 'compile_on')}}
 # The top-level definitions each feature touches; every other definition stays identical.
 CODE = {'whiten': {'Net', 'make_net', 'get_patches', 'init_whitening_conv', 'train', 'count_flops'},
         'dirac': {'Conv'}, 'scalebias': {'make_optimizer'}, 'freeze': {'train'},
@@ -172,8 +172,17 @@ def has_scaled_batchnorm_bias_lr(script, data_dir):
 
 
 def has_whitening_bias_freeze(script, data_dir):
-    bias = first_conv(briefly_trained(script, data_dir)[0]).bias  # 4 epochs: past the 3 that train it
-    return bias is not None and not bias.requires_grad
+    """The first conv's bias trains in the first epoch and stays put from the fourth (lookahead off, so that
+    nothing else moves it)."""
+    biases = []
+
+    def record(epoch, net, optimizer, opt):
+        bias = first_conv(net).bias
+        biases.append(None if bias is None else bias.detach().clone())
+    no_lookahead = {'lookahead_every': 10**9} if 'lookahead_every' in script.hyp['opt'] else {}
+    script.train(tiny_loaders(script, data_dir)[0], dtype=torch.float32, epochs=5, seed=0, on_epoch_start=record,
+                 **no_lookahead)
+    return biases[0] is not None and not torch.equal(biases[0], biases[1]) and torch.equal(biases[3], biases[4])
 
 
 def has_lookahead(script, data_dir):

@@ -6,7 +6,7 @@ from conftest import SMALL_WIDTHS, flatten, load_script
 
 # Every hyperparameter that a script changes relative to airbench94.py.
 DIFFERENCES = {
-    'airbench94_compiled': {},
+    'airbench94_compiled': {('net', 'compile_on'): ('cuda',)},  # where it compiles
     'airbench95': {('opt', 'epochs'): 15, ('opt', 'lr'): 10.0,
                    ('net', 'widths'): {'block1': 128, 'block2': 384, 'block3': 384}},
     'airbench96': {('opt', 'epochs'): 37, ('opt', 'lr'): 9.0, ('opt', 'weight_decay'): 0.012,
@@ -40,8 +40,17 @@ def test_airbench94_blocks_have_no_third_conv():
     assert sum(isinstance(m, torch.nn.Conv2d) for m in block.modules()) == 2
 
 
+def test_compiled_script_compiles_on_cuda_only_unless_told(monkeypatch):
+    compiled = load_script('airbench94_compiled')
+    assert "compile_on'] leaves cpu out" in compiled.compile_problem(torch.device('cpu'))
+    assert 'compile_on' not in (compiled.compile_problem(torch.device('cuda')) or '')
+    monkeypatch.setitem(compiled.hyp['net'], 'compile_on', ())
+    assert "compile_on'] leaves cuda out" in compiled.compile_problem(torch.device('cuda'))
+
+
 def test_compiled_script_says_when_it_cannot_compile_and_trains_uncompiled(monkeypatch, tiny_data_dir):
     compiled = load_script('airbench94_compiled')
+    monkeypatch.setitem(compiled.hyp['net'], 'compile_on', ('cuda', 'cpu'))
     monkeypatch.setattr(compiled.shutil, 'which', lambda name: None)
     problem = compiled.compile_problem(torch.device('cpu'))
     assert 'no C++ compiler' in problem
@@ -55,6 +64,7 @@ def test_compiled_script_says_when_it_cannot_compile_and_trains_uncompiled(monke
 @pytest.mark.compile
 def test_compiled_network_computes_what_the_uncompiled_one_does(monkeypatch):
     compiled = load_script('airbench94_compiled')
+    monkeypatch.setitem(compiled.hyp['net'], 'compile_on', ('cuda', 'cpu'))
     if compiled.compile_problem(torch.device('cpu')):
         pytest.skip(compiled.compile_problem(torch.device('cpu')))
     monkeypatch.setitem(compiled.hyp['net'], 'widths', SMALL_WIDTHS)
@@ -68,3 +78,50 @@ def test_compiled_network_computes_what_the_uncompiled_one_does(monkeypatch):
         eager.train(mode), net.train(mode)
         assert torch.allclose(net(x), eager(x), atol=1e-4, rtol=1e-4)
     assert net.state_dict().keys() == eager.state_dict().keys()  # compiled in place: same API
+
+
+@pytest.mark.compile
+def test_the_warm_up_compiles_every_graph_and_later_runs_compile_nothing(monkeypatch, tiny_data_dir):
+    """One graph for training (the whitening-bias freeze drops a gradient rather than switching requires_grad),
+    one for evaluation and one for the TTA's shifted views: all compiled by the warm-up, none by a later run."""
+    import argparse
+
+    from torch._dynamo.utils import counters
+    compiled = load_script('airbench94_compiled')
+    monkeypatch.setitem(compiled.hyp['net'], 'compile_on', ('cuda', 'cpu'))
+    if compiled.compile_problem(torch.device('cpu')):
+        pytest.skip(compiled.compile_problem(torch.device('cpu')))
+    monkeypatch.setitem(compiled.hyp['net'], 'widths', SMALL_WIDTHS)
+    monkeypatch.setitem(compiled.hyp['opt'], 'batch_size', 64)
+    torch._dynamo.reset()
+    train = compiled.CifarLoader(tiny_data_dir, batch_size=64, aug=compiled.hyp['aug'], device='cpu')
+    test = compiled.CifarLoader(tiny_data_dir, train=False, batch_size=64, device='cpu')
+    args = argparse.Namespace(device=torch.device('cpu'), dtype=torch.float32, tta_level=2)
+    before = counters['stats']['unique_graphs']  # counted since the process started
+    compiled.warm_up(args, train, test)
+    graphs = counters['stats']['unique_graphs']
+    assert graphs - before == 3
+    net = compiled.train(train, test, dtype=torch.float32, epochs=4, seed=0)  # a timed run: past the freeze
+    compiled.evaluate(net, test, tta_level=2)
+    assert counters['stats']['unique_graphs'] == graphs
+
+
+@pytest.mark.parametrize('name', ['airbench94_compiled', 'airbench94_muon', 'airbench94_2025', 'airbench96_faster'])
+def test_each_network_is_compiled_where_hyp_says_and_only_there(name, monkeypatch, tiny_data_dir):
+    """On CUDA by default (max-autotune), on a CPU only if hyp['net']['compile_on'] names it; Muon's
+    Newton-Schulz with the network. torch.compile itself is replaced by a recorder here."""
+    script = load_script(name)
+    monkeypatch.setitem(script.hyp['net'], 'widths', SMALL_WIDTHS)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda net, **kwargs: compiled.append((type(net).__name__, kwargs)))
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kwargs: compiled.append((fn.__name__, kwargs)) or fn)
+    loader = script.CifarLoader(tiny_data_dir, batch_size=64, aug=script.hyp['aug'], device='cpu')
+    script.train(loader, dtype=torch.float32, epochs=1, seed=0)
+    assert compiled == []  # eager on a CPU by default
+    assert script.hyp['net']['compile_on'] == ('cuda',)
+    monkeypatch.setitem(script.hyp['net'], 'compile_on', ('cuda', 'cpu'))
+    script.train(loader, dtype=torch.float32, epochs=1, seed=0)
+    expected = {'airbench94_compiled': ['Net'], 'airbench94_muon': ['Net', 'newton_schulz'],
+                'airbench94_2025': ['Net', 'newton_schulz'], 'airbench96_faster': ['Net', 'Net']}[name]  # + proxy
+    assert sorted(what for what, _ in compiled) == expected
+    assert all(kwargs.get('dynamic') is False for _, kwargs in compiled)
