@@ -34,7 +34,8 @@ def least_confident(args, train, seed):
 
 def main(argv=None):
     def extra(parser):
-        parser.add_argument('--fraction', type=float, default=0.6, help='share of the training set each arm trains on (default: %(default)s)')
+        parser.add_argument('--fraction', type=float, default=0.6,
+                            help='share of the training set each arm trains on (default: %(default)s)')
         parser.add_argument('--first-epochs', type=float, default=airbench94.hyp['opt']['epochs'],
                             help='training length of the first (ranking) network (default: %(default)s)')
     args = harness.parse_args(__doc__.split('\n\n')[0], argv, epochs=16, extra=extra)
@@ -55,7 +56,8 @@ def main(argv=None):
         record['all_mean_confidence'] = confidence.mean().item()
         return record
 
-    arms = {f'random {args.fraction:.0%}': random_subset, f'least confident {args.fraction:.0%}': least_confident_subset}
+    arms = {f'random {args.fraction:.0%}': random_subset,
+            f'least confident {args.fraction:.0%}': least_confident_subset}
     return harness.run_study('data_selection', 'least-confident vs random subset of the training set', args, arms)
 
 

@@ -19,8 +19,10 @@ def label_smoothing_at(epoch, epochs, start, final):
 
 
 def main(argv=None):
-    args = harness.parse_args(__doc__.split('\n\n')[0], argv, baseline_is_airbench94=True, extra=lambda p: p.add_argument(
-        '--final-ls', type=float, default=0.0, help='label smoothing in the last epoch (default: %(default)s)'))
+    def extra(parser):
+        parser.add_argument('--final-ls', type=float, default=0.0,
+                            help='label smoothing in the last epoch (default: %(default)s)')
+    args = harness.parse_args(__doc__.split('\n\n')[0], argv, baseline_is_airbench94=True, extra=extra)
     if not 0 <= args.final_ls < 1:
         raise SystemExit(f'dynamic_ls.py: error: --final-ls must be in [0, 1), got {args.final_ls}')
     train, test = harness.loaders(args)
@@ -33,8 +35,10 @@ def main(argv=None):
         opt['label_smoothing'] = label_smoothing_at(epoch, args.epochs, start, args.final_ls)
         return {'label_smoothing': opt['label_smoothing']}
 
-    arms = {f'label smoothing {start} (airbench94)': lambda seed: harness.train_run(args, train, test, seed, epoch_fields=constant),
-            f'label smoothing {start} -> {args.final_ls}': lambda seed: harness.train_run(args, train, test, seed, epoch_fields=anneal)}
+    arms = {f'label smoothing {start} (airbench94)':
+            lambda seed: harness.train_run(args, train, test, seed, epoch_fields=constant),
+            f'label smoothing {start} -> {args.final_ls}':
+            lambda seed: harness.train_run(args, train, test, seed, epoch_fields=anneal)}
     return harness.run_study('dynamic_ls', 'annealed vs constant label smoothing', args, arms)
 
 

@@ -30,7 +30,8 @@ def main(argv=None):
         arms[baseline] = lambda seed, e=epochs: harness.train_run(args, alternating, test, seed, epochs=e)
         arms[variant] = lambda seed, e=epochs: harness.train_run(args, random, test, seed, epochs=e)
         baselines[variant] = baseline
-    return harness.run_study('flip_study', 'alternating vs random flip at equal epochs', args, arms, baselines=baselines)
+    return harness.run_study('flip_study', 'alternating vs random flip at equal epochs', args, arms,
+                             baselines=baselines)
 
 
 if __name__ == '__main__':

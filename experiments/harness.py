@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import airbench94  # noqa: E402  (the repository root is on the path only now)
+import airbench94_compiled  # noqa: E402
 from stats import summarize, welch  # noqa: E402
 
 
@@ -33,14 +34,16 @@ def parse_args(description, argv=None, epochs=airbench94.hyp['opt']['epochs'], r
                         help=f'trainings per arm (default: 10 on a GPU, {runs_on_cpu} on a CPU)')
     parser.add_argument('--epochs', type=float, default=epochs,
                         help="training length of every arm (default: %(default)s; None: each script's own)")
-    parser.add_argument('--data-dir', default=airbench94.default_data_dir(), help='directory with train.pt/test.pt (default: %(default)s)')
-    parser.add_argument('--seed', type=int, default=0, help='run i of every arm uses seed + i (paired arms) (default: %(default)s)')
+    parser.add_argument('--data-dir', default=airbench94.default_data_dir(),
+                        help='directory with train.pt/test.pt (default: %(default)s)')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='run i of every arm uses seed + i (paired arms) (default: %(default)s)')
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:N or mps (default: the best available)')
-    parser.add_argument('--logs', default='logs', help='logs go to LOGS/<experiment>/<timestamp>/ (default: %(default)s)')
+    parser.add_argument('--logs', default='logs', help='logs go to LOGS/<experiment>/<key>/ (default: %(default)s)')
     if baseline_is_airbench94:
         parser.add_argument('--baseline-from', default=None, metavar='LOG_DIR',
-                            help="reuse an earlier study's unchanged-airbench94 runs (same epochs, seeds, data, device, "
-                                 "dtype) as this study's airbench94 arm instead of training them again")
+                            help="reuse an earlier study's unchanged-airbench94 runs (same epochs, seeds, data, "
+                                 "device, dtype) as this study's airbench94 arm instead of training them again")
     if extra is not None:
         extra(parser)
     args = parser.parse_args(argv)
@@ -69,10 +72,28 @@ def loaders(args, loader_class=airbench94.CifarLoader, aug=None):
         sys.exit(f'{pathlib.Path(sys.argv[0]).name}: error: {e}')
 
 
+WARMED_UP = []  # the devices on which airbench94_compiled has compiled its graphs
+
+
+def trainer(script, args, train_loader, test_loader):
+    """The script a run trains: on CUDA, airbench94_compiled in place of an unchanged airbench94 (the same method,
+    compiled once, by a warm-up before the first run, for all of them); elsewhere `script` itself."""
+    net_knobs = {key: value for key, value in airbench94_compiled.hyp['net'].items() if key != 'compile_on'}
+    unchanged = {**airbench94_compiled.hyp, 'net': net_knobs} == airbench94.hyp  # no study has changed airbench94
+    if script is not airbench94 or args.device.type != 'cuda' or not unchanged:
+        return script
+    if args.device not in WARMED_UP:
+        tta_level = airbench94.hyp['net']['tta_level']
+        airbench94_compiled.warm_up(argparse.Namespace(device=args.device, dtype=args.dtype, tta_level=tta_level),
+                                    train_loader, test_loader)
+        WARMED_UP.append(args.device)
+    return airbench94_compiled
+
+
 def train_run(args, train_loader, test_loader, seed, epoch_fields=None, script=airbench94, **overrides):
-    """One training of `script` (airbench94 by default) and its TTA evaluation, as a run record: seed, tta_val_acc, seconds,
-    per-example test results, compact (predictions: the argmax, uint8; correct_probability: the TTA
-    softmax of the true class, float16), and per-epoch rows (train_loss,
+    """One training of `script` (airbench94 by default) and its TTA evaluation, as a run record: seed,
+    tta_val_acc, seconds, per-example test results, compact (predictions: the argmax, uint8;
+    correct_probability: the TTA softmax of the true class, float16), and per-epoch rows (train_loss,
     train_acc, val_acc, tta_val_acc (final epoch only: 6 views cost an epoch's worth of time on a
     CPU), seconds, and whatever `epoch_fields(epoch, net, optimizer, opt)` returns: it runs at the
     start of each epoch, as train()'s on_epoch_start hook, and may change the training)."""
@@ -86,6 +107,7 @@ def train_run(args, train_loader, test_loader, seed, epoch_fields=None, script=a
         rows.append({**row, 'tta_val_acc': None, **fields})
 
     overrides = {'epochs': args.epochs or script.hyp['opt']['epochs'], **overrides}
+    script = trainer(script, args, train_loader, test_loader)
     net = script.train(train_loader, test_loader, dtype=args.dtype, report=report,
                        on_epoch_start=on_epoch_start, seed=seed, **overrides)
     script.synchronize(args.device)
@@ -134,9 +156,11 @@ def log_text(log, extra_summary=''):
     lines = [f"{log['experiment']}: {log['question']}", f"config: {log['config']}", '']
     for arm, runs in log['arms'].items():
         for run in runs:
-            lines.append(f"[{arm}] seed {run['seed']}: TTA accuracy {100 * run['tta_val_acc']:.2f}%, {run['seconds']:.1f} s")
+            lines.append(f"[{arm}] seed {run['seed']}: TTA accuracy {100 * run['tta_val_acc']:.2f}%, "
+                         f"{run['seconds']:.1f} s")
             for row in run['epochs']:
-                lines.append('    ' + ', '.join(f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()))
+                cells = [f'{k} {v:.4f}' if isinstance(v, float) else f'{k} {v}' for k, v in row.items()]
+                lines.append('    ' + ', '.join(cells))
     return '\n'.join(lines + ['', summary_table(log['arms'], log['baselines']), extra_summary, ''])
 
 
@@ -187,8 +211,10 @@ def run_study(name, question, args, arms, summarize_extra=None, baselines=None, 
            'test_labels': None if test_labels is None else test_labels.cpu()}
     if (directory / 'log.pt').exists():
         log['arms'].update(torch.load(directory / 'log.pt', weights_only=False)['arms'])
-        print(f'continuing {directory}: {", ".join(f"{len(runs)} run(s) of {arm}" for arm, runs in log["arms"].items())}')
-    print(f'{name}: {question}\n{args.runs} run(s) per arm on {args.device} ({str(args.dtype).removeprefix("torch.")}); '
+        done = ', '.join(f'{len(runs)} run(s) of {arm}' for arm, runs in log['arms'].items())
+        print(f'continuing {directory}: {done}')
+    print(f'{name}: {question}\n{args.runs} run(s) per arm on {args.device} '
+          f'({str(args.dtype).removeprefix("torch.")}); '
           f'logs in {directory}', flush=True)
     try:
         for i in range(args.runs):

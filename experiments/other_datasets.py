@@ -143,8 +143,9 @@ def main(argv=None):
     arms = {f'airbench96 on {args.dataset}': arm(args, airbench96, cache),
             f'ResNet-18 on {args.dataset}': arm(args, train_resnet18, cache)}
     published = PUBLISHED[args.dataset]
-    return harness.run_study('other_datasets', f'airbench96 and the ResNet-18 on {args.dataset}, unretuned', args, arms,
-                             lambda log: f'published (the paper): airbench96 {published[0]}%, ResNet-18 {published[1]}%')
+    question = f'airbench96 and the ResNet-18 on {args.dataset}, unretuned'
+    published_line = f'published (the paper): airbench96 {published[0]}%, ResNet-18 {published[1]}%'
+    return harness.run_study('other_datasets', question, args, arms, lambda log: published_line)
 
 
 if __name__ == '__main__':

@@ -28,7 +28,8 @@ def variance_decomposition(correct):
     distribution_variance = test_variance - finite_test_set
     return {'runs': runs, 'test_set_std': 100 * math.sqrt(test_variance) if runs > 1 else math.nan,
             'distribution_wise_std': 100 * math.sqrt(max(distribution_variance, 0.0)) if runs > 1 else math.nan,
-            'distribution_variance_estimate': 1e4 * distribution_variance, 'mean_p_one_minus_p': (p * (1 - p)).mean().item()}
+            'distribution_variance_estimate': 1e4 * distribution_variance,
+            'mean_p_one_minus_p': (p * (1 - p)).mean().item()}
 
 
 def summary(log):

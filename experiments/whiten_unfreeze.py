@@ -26,8 +26,10 @@ def unfreeze_whitening_from(start_epoch, lr_scale):
 
 def main(argv=None):
     def extra(parser):
-        parser.add_argument('--unfreeze-epoch', type=int, default=5, help='first epoch (0-based) whose steps train the whitening weights (default: %(default)s)')
-        parser.add_argument('--whiten-lr-scale', type=float, default=1.0, help="their lr, relative to the other weights' (default: %(default)s)")
+        parser.add_argument('--unfreeze-epoch', type=int, default=5,
+                            help='first epoch (0-based) whose steps train the whitening weights (default: %(default)s)')
+        parser.add_argument('--whiten-lr-scale', type=float, default=1.0,
+                            help="their lr, relative to the other weights' (default: %(default)s)")
     args = harness.parse_args(__doc__.split('\n\n')[0], argv, baseline_is_airbench94=True, extra=extra)
     if args.unfreeze_epoch < 0 or not args.whiten_lr_scale > 0:
         raise SystemExit('whiten_unfreeze.py: error: --unfreeze-epoch must be >= 0 and --whiten-lr-scale > 0')
@@ -36,9 +38,11 @@ def main(argv=None):
     def frozen(epoch, net, optimizer, opt):
         return {'whiten_trainable': net.whiten.weight.requires_grad}
 
-    arms = {'whitening frozen (airbench94)': lambda seed: harness.train_run(args, train, test, seed, epoch_fields=frozen),
-            f'unfrozen from epoch {args.unfreeze_epoch}': lambda seed: harness.train_run(
-                args, train, test, seed, epoch_fields=unfreeze_whitening_from(args.unfreeze_epoch, args.whiten_lr_scale))}
+    unfreeze = unfreeze_whitening_from(args.unfreeze_epoch, args.whiten_lr_scale)
+    arms = {'whitening frozen (airbench94)':
+            lambda seed: harness.train_run(args, train, test, seed, epoch_fields=frozen),
+            f'unfrozen from epoch {args.unfreeze_epoch}':
+            lambda seed: harness.train_run(args, train, test, seed, epoch_fields=unfreeze)}
     return harness.run_study('whiten_unfreeze', 'whitening weights unfrozen late vs frozen', args, arms)
 
 

@@ -90,7 +90,8 @@ def test_muon_step_renormalizes_when_told_then_decays_after_the_update(record):
 
 
 def test_the_whitening_bias_trains_its_7_steps_then_stops(record, tiny_data_dir, monkeypatch):
-    loader = record.CifarLoader(tiny_data_dir, train=True, batch_size=32, aug=record.hyp['aug'], device='cpu')  # 8 steps
+    loader = record.CifarLoader(tiny_data_dir, train=True, batch_size=32, aug=record.hyp['aug'],
+                                device='cpu')  # 8 steps
     lrs, trained = [], []
     sgd_step = torch.optim.SGD.step
 

@@ -69,7 +69,8 @@ def corrupt(path):
 
 
 def wrong_shape(path):
-    torch.save({'images': torch.zeros(10, 3, 32, 32, dtype=torch.uint8), 'labels': torch.zeros(10, dtype=torch.int64)}, path)
+    images, labels = torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.zeros(10, dtype=torch.int64)  # CHW, not HWC
+    torch.save({'images': images, 'labels': labels}, path)
 
 
 @pytest.mark.parametrize('damage, message', [(corrupt, 'as a CIFAR-10 train cache'),
@@ -97,7 +98,7 @@ def no_network(*args, **kwargs):
 @ONLY_AIRBENCH94
 def test_missing_data_without_network_is_a_clear_error(script, tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, 'urlopen', no_network)
-    with pytest.raises(script.AirbenchError, match='writing it from the official archive failed.*network is unreachable'):
+    with pytest.raises(script.AirbenchError, match='from the official archive failed.*network is unreachable'):
         script.CifarLoader(tmp_path / 'empty', device='cpu')
     with pytest.raises(SystemExit, match='put the official cifar-10-python.tar.gz'):
         script.main(['--data-dir', str(tmp_path / 'empty'), '--no-log', '--device', 'cpu'])

@@ -1,5 +1,6 @@
 """experiments/: the statistics helper against hand-computed values, each study's own arithmetic,
 and every study end to end on the tiny synthetic dataset (narrow networks, batches of 64)."""
+import argparse
 import math
 import sys
 import types
@@ -10,7 +11,8 @@ import torch
 from conftest import REPO, SMALL_WIDTHS
 
 sys.path.insert(0, str(REPO / 'experiments'))
-import alt_translate, calibration, data_selection, dynamic_ls, flip_study, harness, stats, variance, whiten_unfreeze  # noqa: E402,E401
+import alt_translate, calibration, data_selection, dynamic_ls, flip_study  # noqa: E402,E401
+import harness, stats, variance, whiten_unfreeze  # noqa: E402,E401
 
 STUDIES = {'flip_study': flip_study, 'variance': variance, 'calibration': calibration, 'data_selection': data_selection,
            'alt_translate': alt_translate, 'dynamic_ls': dynamic_ls, 'whiten_unfreeze': whiten_unfreeze}
@@ -42,7 +44,8 @@ def test_welch_t_test():
     assert stats.welch([1, 2, 3], [1, 2, 3])['p'] == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize('t, df, cdf', [(0.0, 5, 0.5), (1.0, 1, 0.75), (2.0, 2, 0.5 + 1 / math.sqrt(6)), (-2.0, 2, 0.5 - 1 / math.sqrt(6))])
+@pytest.mark.parametrize('t, df, cdf', [(0.0, 5, 0.5), (1.0, 1, 0.75), (2.0, 2, 0.5 + 1 / math.sqrt(6)),
+                                        (-2.0, 2, 0.5 - 1 / math.sqrt(6))])
 def test_t_distribution_closed_forms(t, df, cdf):
     # df=1 is the Cauchy distribution (atan); df=2 has CDF 1/2 + t / (2 sqrt(2 + t^2)).
     assert stats.t_cdf(t, df) == pytest.approx(cdf, abs=1e-9)
@@ -118,9 +121,11 @@ def test_study_runs_end_to_end_and_logs_everything(name, extra, tiny_studies, ti
 
 
 def test_studies_log_their_own_fields_per_epoch(tiny_studies, tiny_data_dir, tmp_path):
-    common = ['--runs', '1', '--epochs', '3', '--device', 'cpu', '--data-dir', str(tiny_data_dir), '--logs', str(tmp_path)]
+    common = ['--runs', '1', '--epochs', '3', '--device', 'cpu', '--data-dir', str(tiny_data_dir),
+              '--logs', str(tmp_path)]
     arms = dynamic_ls.main(common + ['--final-ls', '0.1'])['arms']
-    assert [row['label_smoothing'] for row in arms['label smoothing 0.2 -> 0.1'][0]['epochs']] == pytest.approx([0.2, 0.15, 0.1])
+    annealed = [row['label_smoothing'] for row in arms['label smoothing 0.2 -> 0.1'][0]['epochs']]
+    assert annealed == pytest.approx([0.2, 0.15, 0.1])
     assert [row['label_smoothing'] for row in arms['label smoothing 0.2 (airbench94)'][0]['epochs']] == [0.2] * 3
     arms = whiten_unfreeze.main(common + ['--unfreeze-epoch', '2'])['arms']
     assert [row['whiten_trainable'] for row in arms['unfrozen from epoch 2'][0]['epochs']] == [False, False, True]
@@ -130,17 +135,20 @@ def test_studies_log_their_own_fields_per_epoch(tiny_studies, tiny_data_dir, tmp
 
 def test_baseline_runs_are_reused_only_when_trained_the_same_way(tiny_studies, tiny_data_dir, one_batch_data_dir,
                                                                  tmp_path):
-    common = ['--runs', '2', '--seed', '0', '--device', 'cpu', '--data-dir', str(tiny_data_dir), '--logs', str(tmp_path)]
+    common = ['--runs', '2', '--seed', '0', '--device', 'cpu', '--data-dir', str(tiny_data_dir),
+              '--logs', str(tmp_path)]
     flip = flip_study.main(common + ['--budgets', '1', '2'])['arms']
     [flip_log] = (tmp_path / 'flip_study').iterdir()
     fresh = alt_translate.main(common + ['--epochs', '2'])['arms']['random translate (airbench94)']
-    reused = alt_translate.main(common + ['--epochs', '2', '--baseline-from', str(flip_log)])['arms']['random translate (airbench94)']
+    reused = alt_translate.main(common + ['--epochs', '2', '--baseline-from', str(flip_log)])['arms'][
+        'random translate (airbench94)']
     assert all(run['reused_from'] == str(flip_log) for run in reused)
     # training on a CPU is deterministic: the reused runs are exactly the ones this study would train
     assert [r['tta_val_acc'] for r in reused] == [r['tta_val_acc'] for r in fresh] == \
         [r['tta_val_acc'] for r in flip['alternating flip, 2 epochs']]
     # other epochs: nothing to reuse, so the baseline is trained
-    trained = dynamic_ls.main(common + ['--epochs', '3', '--baseline-from', str(flip_log)])['arms']['label smoothing 0.2 (airbench94)']
+    trained = dynamic_ls.main(common + ['--epochs', '3', '--baseline-from', str(flip_log)])['arms'][
+        'label smoothing 0.2 (airbench94)']
     assert not any('reused_from' in run for run in trained)
     with pytest.raises(SystemExit, match='not a study log'):
         whiten_unfreeze.main(common + ['--baseline-from', str(tmp_path / 'nowhere')])
@@ -169,7 +177,8 @@ def test_bad_study_flags_exit_with_a_message(tiny_data_dir, capsys):
 def test_the_same_command_continues_a_study_where_it_stopped(tiny_studies, tiny_data_dir, tmp_path, monkeypatch):
     """Spread over sittings: a study run again with the same arguments keeps its finished runs and trains
     only the missing ones, arms interleaved, up to --runs per arm."""
-    common = ['--epochs', '1', '--seed', '0', '--device', 'cpu', '--data-dir', str(tiny_data_dir), '--logs', str(tmp_path)]
+    common = ['--epochs', '1', '--seed', '0', '--device', 'cpu', '--data-dir', str(tiny_data_dir),
+              '--logs', str(tmp_path)]
     first = flip_study.main(common + ['--runs', '1'])['arms']
     train_run, calls = harness.train_run, []
 
@@ -189,7 +198,8 @@ def test_the_same_command_continues_a_study_where_it_stopped(tiny_studies, tiny_
         assert [run['seed'] for run in final[arm]] == [0, 1, 2]
         assert final[arm][0]['seconds'] == first[arm][0]['seconds']  # kept, not trained again
     other = flip_study.main(common[:1] + ['2'] + common[2:] + ['--runs', '1'])  # other arguments: another study
-    assert len(list((tmp_path / 'flip_study').iterdir())) == 2 and all(len(runs) == 1 for runs in other['arms'].values())
+    assert len(list((tmp_path / 'flip_study').iterdir())) == 2
+    assert all(len(runs) == 1 for runs in other['arms'].values())
 
 
 def test_data_selection_ranks_by_the_maximum_log_softmax(tiny_studies, tiny_data_dir, monkeypatch):
@@ -202,3 +212,18 @@ def test_data_selection_ranks_by_the_maximum_log_softmax(tiny_studies, tiny_data
     indices, confidence = data_selection.least_confident(args, loader, seed=0)
     assert torch.allclose(confidence, logits.log_softmax(1).amax(1))
     assert indices.tolist() == [1, 3]  # the flattest and the next flattest, labels aside
+
+
+def test_on_cuda_the_studies_train_airbench94_compiled_after_one_warm_up(monkeypatch):
+    """The same method (tests/test_ablations.py checks airbench94_compiled against airbench94), compiled once."""
+    warm_ups = []
+    monkeypatch.setattr(harness, 'WARMED_UP', [])
+    monkeypatch.setattr(harness.airbench94_compiled, 'warm_up', lambda *args: warm_ups.append(args))
+    cuda = argparse.Namespace(device=torch.device('cuda'), dtype=torch.float16)
+    assert harness.trainer(harness.airbench94, cuda, None, None) is harness.airbench94_compiled
+    assert harness.trainer(harness.airbench94, cuda, None, None) is harness.airbench94_compiled
+    assert len(warm_ups) == 1
+    cpu = argparse.Namespace(device=torch.device('cpu'), dtype=torch.float32)
+    assert harness.trainer(harness.airbench94, cpu, None, None) is harness.airbench94
+    monkeypatch.setitem(harness.airbench94.hyp['opt'], 'lr', 1.0)  # a study that changes airbench94 trains it
+    assert harness.trainer(harness.airbench94, cuda, None, None) is harness.airbench94

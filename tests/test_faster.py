@@ -35,7 +35,8 @@ def test_the_main_network_trains_on_the_kept_examples_of_the_same_stream(faster,
         net.register_forward_hook(lambda module, inputs, output: trained_on.append(inputs[0].clone()))
         return net
     monkeypatch.setattr(faster, 'make_net', recorded_net)
-    monkeypatch.setattr(faster, 'proxy_selection', lambda *args: selections.append(proxy_selection(*args)) or selections[-1])
+    monkeypatch.setattr(faster, 'proxy_selection',
+                        lambda *args: selections.append(proxy_selection(*args)) or selections[-1])
     faster.train(loader, dtype=torch.float32, epochs=2.5, seed=0)  # 10 steps: the proxy pass, then the main one
 
     total = 10

@@ -106,7 +106,8 @@ def test_lrs_fall_linearly_to_zero_and_the_whitening_bias_freezes_after_3_epochs
     muon.train(loader, dtype=torch.float32, epochs=5, seed=0)
     total, whiten_steps = 20, 12
     assert [lr[2] for lr in lrs] == pytest.approx([0.67 * (1 - s / total) for s in range(total)])
-    assert [lr[0] for lr in lrs[:whiten_steps]] == pytest.approx([0.053 * (1 - s / whiten_steps) for s in range(whiten_steps)])
+    expected = [0.053 * (1 - s / whiten_steps) for s in range(whiten_steps)]
+    assert [lr[0] for lr in lrs[:whiten_steps]] == pytest.approx(expected)
     assert whiten_bias_grads == [True] * whiten_steps + [False] * (total - whiten_steps)
 
 

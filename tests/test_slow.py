@@ -39,7 +39,8 @@ def seconds_per_step(airbench94, train_loader, steps=3):
 def test_airbench94_trains_to_its_accuracy_on_real_data(real_data_dir):
     airbench94 = load_script('airbench94')
     airbench94.tune_process_for(torch.device('cpu'))  # as main() does: keeps the CPU step fast
-    train_loader = airbench94.CifarLoader(real_data_dir, train=True, batch_size=1024, aug=airbench94.hyp['aug'], device='cpu')
+    train_loader = airbench94.CifarLoader(real_data_dir, train=True, batch_size=1024, aug=airbench94.hyp['aug'],
+                                          device='cpu')
     test_loader = airbench94.CifarLoader(real_data_dir, train=False, device='cpu')
     full_steps = -(-airbench94.hyp['opt']['epochs'] * len(train_loader) // 1)
     projected = seconds_per_step(airbench94, train_loader) * full_steps * 1.1  # + 10% for TTA evaluation
