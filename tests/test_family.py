@@ -93,6 +93,8 @@ def test_the_warm_up_compiles_every_graph_and_later_runs_compile_nothing(monkeyp
         pytest.skip(compiled.compile_problem(torch.device('cpu')))
     monkeypatch.setitem(compiled.hyp['net'], 'widths', SMALL_WIDTHS)
     monkeypatch.setitem(compiled.hyp['opt'], 'batch_size', 64)
+    compile = torch.nn.Module.compile  # Dynamo's graphs and guards, without Inductor's code generation (slow here)
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda net, **kwargs: compile(net, backend='eager', dynamic=False))
     torch._dynamo.reset()
     train = compiled.CifarLoader(tiny_data_dir, batch_size=64, aug=compiled.hyp['aug'], device='cpu')
     test = compiled.CifarLoader(tiny_data_dir, train=False, batch_size=64, device='cpu')
