@@ -703,7 +703,7 @@ def run_training(args, train_loader, test_loader, seed, run):
 
 
 def main(argv=None):
-    args, resuming = parse_args(argv), False
+    args = parse_args(argv)
     tune_process_for(args.device)
     log_path = os.path.join('logs', time.strftime('%Y-%m-%d_%H-%M-%S_') + os.urandom(3).hex(), 'log.pt')
     with open(__file__) as f:
@@ -713,9 +713,9 @@ def main(argv=None):
         train_loader = CifarLoader(args.data_dir, batch_size=hyp['opt']['batch_size'], aug=hyp['aug'],
                                    device=args.device)
         test_loader = CifarLoader(args.data_dir, train=False, batch_size=2000, device=args.device)
-        if args.checkpoint and os.path.exists(args.checkpoint):  # the same command again continues its training
-            saved_seed, resuming = load_checkpoint(args.checkpoint, identity={})['identity']['seed'], True
-            args.seed = saved_seed if args.seed is None else args.seed
+        resuming = args.checkpoint is not None and os.path.exists(args.checkpoint)
+        if resuming and args.seed is None:  # the same command again continues the same training
+            args.seed = load_checkpoint(args.checkpoint, identity={})['identity']['seed']
         seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), 'little') >> 1
         total_steps = math.ceil(args.epochs * len(train_loader))
         log['flops'] = sum(count_flops(total_steps, train_loader.batch_size, len(test_loader.images), args.tta_level))
