@@ -63,11 +63,15 @@ def test_compiled_script_says_when_it_cannot_compile_and_trains_uncompiled(monke
 
 @pytest.mark.compile
 def test_compiled_network_computes_what_the_uncompiled_one_does(monkeypatch):
+    """The graphs torch.compile captures (Dynamo, and AOTAutograd's forward and backward) compute what the eager
+    network does. Inductor's own code generation (slow on a CPU, and another backend on CUDA) is left out."""
     compiled = load_script('airbench94_compiled')
     monkeypatch.setitem(compiled.hyp['net'], 'compile_on', ('cuda', 'cpu'))
     if compiled.compile_problem(torch.device('cpu')):
         pytest.skip(compiled.compile_problem(torch.device('cpu')))
     monkeypatch.setitem(compiled.hyp['net'], 'widths', SMALL_WIDTHS)
+    compile = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda net, **kwargs: compile(net, backend='aot_eager'))
     torch.manual_seed(0)
     eager = compiled.set_precision(compiled.make_net(), torch.float32)
     compiled.init_whitening_conv(eager.whiten, torch.randn(8, 3, 32, 32))
@@ -77,6 +81,8 @@ def test_compiled_network_computes_what_the_uncompiled_one_does(monkeypatch):
     for mode in (True, False):  # training (batch statistics) and evaluation (running statistics)
         eager.train(mode), net.train(mode)
         assert torch.allclose(net(x), eager(x), atol=1e-4, rtol=1e-4)
+    net(x).square().sum().backward(), eager(x).square().sum().backward()
+    assert torch.allclose(net.head.weight.grad, eager.head.weight.grad, atol=1e-4, rtol=1e-4)
     assert net.state_dict().keys() == eager.state_dict().keys()  # compiled in place: same API
 
 

@@ -173,7 +173,7 @@ def test_device_and_dtype_overrides(script, device, dtype, expected):
 @ONLY_AIRBENCH94
 def test_default_precision_policy(script, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    monkeypatch.setattr(torch.backends.mps, 'is_available', lambda: False)
+    monkeypatch.setattr(torch.mps, 'is_available', lambda: False)
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
     assert script.choose_device_and_dtype() == (torch.device('cpu'), torch.bfloat16)
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
