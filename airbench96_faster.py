@@ -532,16 +532,14 @@ def cpu_has_bf16():
 def choose_device_and_dtype(device=None, dtype=None):
     """The device and precision policy: float16 on CUDA (BatchNorm in float32, as published), bfloat16
     autocast on a CPU with bf16 instructions, float32 elsewhere. Returns (torch.device, torch.dtype)."""
-    available = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
+    present = [kind for kind in ('cuda', 'mps', 'cpu') if getattr(torch, kind).is_available()]
     try:
-        device = torch.device(device or next(kind for kind, present in available.items() if present))
+        device = torch.device(device or present[0])
     except (RuntimeError, TypeError):
         raise AirbenchError(f"unknown device {device!r}: use cpu, cuda, cuda:N or mps") from None
-    check(available.get(device.type), f"device {str(device)!r}: PyTorch sees none here (no CUDA GPU?); "
-          f"use --device cpu")
-    if dtype is None:
-        dtype = {'cuda': 'float16', 'cpu': 'bfloat16' if cpu_has_bf16() else 'float32'}.get(device.type, 'float32')
-    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    check(device.type in present, f"device {str(device)!r}: PyTorch sees none here (no CUDA GPU?); use --device cpu")
+    default = {'cuda': 'float16', 'cpu': 'bfloat16' if cpu_has_bf16() else 'float32'}.get(device.type, 'float32')
+    dtype = DTYPES.get(dtype or default, dtype)
     check(dtype in DTYPES.values(), f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     return device, dtype
 
@@ -584,10 +582,8 @@ def tune_process_for(device):
         libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
-def synchronize(device):
-    """Wait for queued GPU work, so that wall-clock time measures it."""
-    if device.type != 'cpu':
-        getattr(torch, device.type).synchronize()
+def synchronize(device):  # wait for the device's queued work, so that wall-clock time measures it
+    getattr(torch, device.type).synchronize()
 
 
 def default_data_dir():
@@ -648,14 +644,12 @@ def load_checkpoint(path, identity):
 
 def random_state(device, state=None):
     """The random states a training draws from (the CPU's, and the GPU's holding the data), or set them to `state`."""
-    generators = [torch.default_generator]
-    if device.type != 'cpu':
-        generators.append(torch.cuda.default_generators[device.index or 0] if device.type == 'cuda' else
-                          torch.mps._get_default_mps_generator())
+    gpu = [] if device.type == 'cpu' else [getattr(torch, device.type)]  # torch.cuda or torch.mps
     if state is None:
-        return [generator.get_state() for generator in generators]
-    for generator, saved in zip(generators, state):
-        generator.set_state(saved)
+        return [torch.get_rng_state()] + [module.get_rng_state(device) for module in gpu]
+    torch.set_rng_state(state[0])
+    for module in gpu:
+        module.set_rng_state(state[1], device)
 
 
 class Bookkeeper:
