@@ -73,6 +73,7 @@ def test_the_same_command_run_again_continues_its_checkpoint(script, one_batch_d
                           for kind in ('2', 'final'))
     assert epoch_rows[0] == epoch_rows[1]  # replayed, seconds included
     assert finals[0][0][2] == finals[1][0][2]  # the same network: the same TTA accuracy
+    assert not (tmp_path / 'logs').exists()  # --no-log
     with pytest.raises(SystemExit):
         script.main(command + ['--runs', '2'])
     assert '--checkpoint keeps one training' in capsys.readouterr().err
