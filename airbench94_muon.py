@@ -198,10 +198,17 @@ def make_net(widths=None, batchnorm_momentum=None):
     return Net(widths, batchnorm_momentum).to(memory_format=torch.channels_last)
 
 
+def compiles_on(device):
+    """Whether to torch.compile on `device`: hyp['net']['compile_on'] names its type and, on CUDA, Triton (the
+    code generator) is installed; without it (e.g. on Windows) the script trains uncompiled."""
+    from torch.utils._triton import has_triton
+    return device.type in hyp['net']['compile_on'] and (device.type != 'cuda' or has_triton())
+
+
 def compile_net(net, device):
-    """Compile `net` in place (max-autotune) where hyp['net']['compile_on'] names the device type. Compiled
-    code is cached by the code it compiles, not by the module: every later network reuses it."""
-    if device.type in hyp['net']['compile_on']:
+    """Compile `net` in place (max-autotune on CUDA) where compiles_on(device). Compiled code is cached by the
+    code it compiles, not by the module: every later network reuses it."""
+    if compiles_on(device):
         net.compile(mode='max-autotune' if device.type == 'cuda' else None, dynamic=False)
     return net
 
@@ -333,7 +340,7 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
     train_loader.epoch = 0  # a fresh alternating-flip pattern for every training
     total_steps = math.ceil(opt['epochs'] * len(train_loader))
     net = compile_net(set_precision(make_net().to(device), dtype), device)
-    compiled = device.type in hyp['net']['compile_on']  # the network and Newton-Schulz
+    compiled = compiles_on(device)  # the network and Newton-Schulz
     sgd, muon = make_optimizers(net, opt, train_loader.batch_size, newton_schulz_dtype(device), compiled)
     whiten_bias_steps = opt['whiten_bias_epochs'] * len(train_loader)
 
@@ -425,6 +432,7 @@ def count_flops(total_steps, batch_size, test_images, tta_level):
 def warm_up(args, train_loader, test_loader):
     """An untimed training and TTA evaluation first on a GPU: compilation, cudnn's autotuning and lazy
     initialization stay out of the timings."""
+    print('network compiled' if compiles_on(args.device) else f'network not compiled on {args.device.type} (see compiles_on)')
     if args.device.type == 'cuda':
         net = train(train_loader, test_loader, dtype=args.dtype, epochs=args.epochs)
         evaluate(net, test_loader, tta_level=args.tta_level)

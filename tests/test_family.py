@@ -133,3 +133,18 @@ def test_each_network_is_compiled_where_hyp_says_and_only_there(name, monkeypatc
                 'airbench94_2025': ['Net', 'newton_schulz'], 'airbench96_faster': ['Net', 'Net']}[name]  # + proxy
     assert sorted(what for what, _ in compiled) == expected
     assert all(kwargs.get('dynamic') is False for _, kwargs in compiled)
+
+
+@pytest.mark.parametrize('name', ['airbench94_muon', 'airbench94_2025', 'airbench96_faster'])
+def test_without_triton_a_cuda_run_trains_uncompiled(name, monkeypatch):
+    """torch.compile needs Triton to generate CUDA code (absent e.g. on Windows): the script then trains as it
+    would with compilation switched off, instead of failing at its first step."""
+    import torch.utils._triton
+    script = load_script(name)
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    monkeypatch.setattr(torch.utils._triton, 'has_triton', lambda: True)
+    assert script.compiles_on(cuda) and not script.compiles_on(cpu)
+    monkeypatch.setattr(torch.utils._triton, 'has_triton', lambda: False)
+    assert not script.compiles_on(cuda)
+    monkeypatch.setitem(script.hyp['net'], 'compile_on', ('cuda', 'cpu'))
+    assert script.compiles_on(cpu) and not script.compiles_on(cuda)
