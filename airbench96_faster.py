@@ -502,7 +502,7 @@ def count_flops(total_steps, batch_size, test_images, tta_level):
 def warm_up(args, train_loader, test_loader):
     """An untimed training and TTA evaluation first on a GPU: compilation, cudnn's autotuning and lazy
     initialization stay out of the timings."""
-    print('network compiled' if compiles_on(args.device) else f'network not compiled on {args.device.type} (see compiles_on)')
+    print('network compiled' if compiles_on(args.device) else f'network not compiled on {args.device.type}')
     if args.device.type == 'cuda':
         net = train(train_loader, test_loader, dtype=args.dtype, epochs=args.epochs)
         evaluate(net, test_loader, tta_level=args.tta_level)
