@@ -22,9 +22,9 @@ def run_script(name, *args, cwd):
 def exit_of_main(script, *args, capsys):
     """(exit status, stderr) of main() run in this process as a user would run the script: any exception but
     SystemExit escapes and fails the test, as a traceback would. sys.exit(text) prints the text, status 1."""
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as raised:
         script.main(list(args))
-    code, err = exit.value.code, capsys.readouterr().err
+    code, err = raised.value.code, capsys.readouterr().err
     return (1, err + code) if isinstance(code, str) else (code, err)
 
 
