@@ -146,5 +146,13 @@ def test_without_triton_a_cuda_run_trains_uncompiled(name, monkeypatch):
     assert script.compiles_on(cuda) and not script.compiles_on(cpu)
     monkeypatch.setattr(torch.utils._triton, 'has_triton', lambda: False)
     assert not script.compiles_on(cuda)
+    compiled = []  # compile_net asks compiles_on: torch.compile itself is replaced by a recorder here
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda net, **kwargs: compiled.append(type(net).__name__))
+    script.compile_net(script.make_net(), cuda)
+    assert compiled == []
+    monkeypatch.setattr(torch.utils._triton, 'has_triton', lambda: True)
+    script.compile_net(script.make_net(), cuda)
+    assert compiled == ['Net']
+    monkeypatch.setattr(torch.utils._triton, 'has_triton', lambda: False)
     monkeypatch.setitem(script.hyp['net'], 'compile_on', ('cuda', 'cpu'))
     assert script.compiles_on(cpu) and not script.compiles_on(cuda)

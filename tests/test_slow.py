@@ -1,6 +1,6 @@
 """Slow tier (`pytest -m slow`): airbench94 trained on the real CIFAR-10, as long as the machine allows.
 
-A full airbench94 run takes about 10 minutes on 2 CPU cores with bf16 instructions (AVX-512 BF16)
+A full airbench94 run takes 10-17 minutes on 2 CPU cores with bf16 instructions (AVX-512 BF16)
 and about an hour on 2 cores without them (float32 on AVX2): there, too long beside the fast
 tier's few minutes. So the test first times a few real training steps. If a full run fits in
 FULL_RUN_BUDGET_S it trains one and asks for 93.5% with TTA (published mean: 94.01%); otherwise
