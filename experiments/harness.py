@@ -137,7 +137,8 @@ def summary_table(arms, baselines=None):
         versus = ''
         if name in baselines and arms[baselines[name]]:
             test = welch(accs, [100 * r['tta_val_acc'] for r in arms[baselines[name]]])
-            versus = f"{test['difference']:+.2f} pts, p = {test['p']:.3f} (vs {baselines[name]})"
+            p = 'p < 0.001' if test['p'] < 0.001 else f"p = {test['p']:.3f}"
+            versus = f"{test['difference']:+.2f} pts, {p} (vs {baselines[name]})"
         lines.append(f"{name:<36} {s['n']:>3} {s['mean']:>8.2f} {s['std']:>6.2f} "
                      f"{s['ci95'][0]:>8.2f}-{s['ci95'][1]:<8.2f}  {versus}")
     return '\n'.join(lines)

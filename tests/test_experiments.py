@@ -44,6 +44,13 @@ def test_welch_t_test():
     assert stats.welch([1, 2, 3], [1, 2, 3])['p'] == pytest.approx(1.0)
 
 
+def test_summary_table_never_prints_a_p_of_zero():
+    runs = lambda *accs: [{'tta_val_acc': a} for a in accs]  # noqa: E731
+    table = harness.summary_table({'base': runs(0.930, 0.931, 0.929), 'better': runs(0.940, 0.941, 0.939),
+                                   'same': runs(0.931, 0.929, 0.930)})
+    assert '+1.00 pts, p < 0.001 (vs base)' in table and '+0.00 pts, p = 1.000 (vs base)' in table
+
+
 @pytest.mark.parametrize('t, df, cdf', [(0.0, 5, 0.5), (1.0, 1, 0.75), (2.0, 2, 0.5 + 1 / math.sqrt(6)),
                                         (-2.0, 2, 0.5 - 1 / math.sqrt(6))])
 def test_t_distribution_closed_forms(t, df, cdf):
