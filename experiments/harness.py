@@ -187,11 +187,13 @@ def earlier_baseline_runs(args, name):
 
 
 def study_directory(args, name):
-    """logs/<experiment>/<key>: the key names every argument but --runs and --logs, so that the same
-    command, run again, finds the study it continues (and other arguments start another)."""
+    """logs/<experiment>/epochs<budgets>_seed<seed>_<key>: the key names every argument but --runs and
+    --logs, so that the same command, run again, finds the study it continues (and other arguments
+    start another)."""
     config = {key: value for key, value in config_of(args).items() if key not in ('runs', 'logs')}
     key = hashlib.sha1(repr(sorted(config.items())).encode()).hexdigest()[:12]
-    epochs = 'own' if args.epochs is None else f'{args.epochs:g}'
+    budgets = getattr(args, 'budgets', None) or [args.epochs]
+    epochs = '-'.join('own' if e is None else f'{e:g}' for e in budgets)
     return pathlib.Path(args.logs) / name / f'epochs{epochs}_seed{args.seed}_{key}'
 
 

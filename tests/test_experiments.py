@@ -112,6 +112,7 @@ def test_study_runs_end_to_end_and_logs_everything(name, extra, tiny_studies, ti
     log = STUDIES[name].main(['--runs', '2', '--epochs', '2', '--seed', '0', '--device', 'cpu',
                               '--data-dir', str(tiny_data_dir), '--logs', str(tmp_path), *extra])
     [directory] = (tmp_path / name).iterdir()
+    assert directory.name.startswith('epochs1-2_seed0_' if name == 'flip_study' else 'epochs2_seed0_')
     saved = torch.load(directory / 'log.pt', weights_only=False)
     assert saved['experiment'] == name and saved['config']['runs'] == 2
     for arm, runs in saved['arms'].items():
