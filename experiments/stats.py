@@ -1,6 +1,8 @@
-"""The statistics every study uses: a summary of one arm (mean, std, 95% interval) and Welch's
-t-test between two arms. Plain Python (math only): the experiments need nothing beyond torch."""
+"""The statistics every study uses: a summary of one arm (mean, std, 95% interval), Welch's t-test
+between two arms, and the epochs at which one arm reaches another's mean, with a bootstrap interval.
+Plain Python: the experiments need nothing beyond torch."""
 import math
+import random
 
 
 def mean(values):
@@ -77,3 +79,31 @@ def welch(a, b):
     t = difference / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     return {'difference': difference, 't': t, 'df': df, 'p': 2 * t_cdf(-abs(t), df)}
+
+
+def epochs_to_match(curve, target):
+    """The epochs at which an arm reaches mean(target): `curve` maps epoch budgets to that arm's accuracies,
+    read by linear interpolation between neighbouring budgets (accuracy is concave in epochs, so between
+    distant budgets this understates what the arm saves). -inf or inf where the goal lies outside the curve."""
+    budgets = sorted(curve)
+    means, goal = [mean(curve[b]) for b in budgets], mean(target)
+    if goal < means[0]:
+        return -math.inf
+    for b0, b1, m0, m1 in zip(budgets, budgets[1:], means, means[1:]):
+        if min(m0, m1) <= goal <= max(m0, m1) and m0 != m1:
+            return b0 + (b1 - b0) * (goal - m0) / (m1 - m0)
+    return math.inf if goal > max(means) else budgets[means.index(goal)]
+
+
+def bootstrap_interval(statistic, *samples, resamples=2000, seed=0):
+    """95% percentile-bootstrap interval of statistic(*samples): each resample draws every list's runs with
+    replacement, the same draw for lists of equal length (run i of each is seed i: paired seeds stay paired)."""
+    rng, values = random.Random(seed), []
+    for _ in range(resamples):
+        draws = {}
+        for n in (len(s) for s in samples):
+            if n not in draws:
+                draws[n] = [rng.randrange(n) for _ in range(n)]
+        values.append(statistic(*[[s[i] for i in draws[len(s)]] for s in samples]))
+    values.sort()
+    return values[int(0.025 * resamples)], values[math.ceil(0.975 * resamples) - 1]

@@ -59,7 +59,38 @@ def test_t_distribution_closed_forms(t, df, cdf):
     assert stats.t_quantile(cdf, df) == pytest.approx(t, abs=1e-6)
 
 
+def test_epochs_to_match_interpolates_linearly_between_budgets():
+    curve = {6: [92.0, 94.0], 10: [96.0], 12: [96.0]}  # means 93 at 6 epochs, 96 at 10 and 12
+    assert stats.epochs_to_match(curve, [94.5, 94.5]) == pytest.approx(6 + 4 * 1.5 / 3)  # 8
+    assert stats.epochs_to_match(curve, [93.0]) == 6 and stats.epochs_to_match(curve, [96.0]) == 10
+    assert stats.epochs_to_match(curve, [92.0]) == -math.inf and stats.epochs_to_match(curve, [97.0]) == math.inf
+
+
+def test_bootstrap_keeps_paired_runs_paired_and_brackets_the_statistic():
+    a = [93.1, 94.0, 93.5, 93.8, 94.2, 93.3]
+    difference = lambda x, y: stats.mean(x) - stats.mean(y)  # noqa: E731
+    assert stats.bootstrap_interval(difference, a, [v - 0.25 for v in a]) == pytest.approx((0.25, 0.25))
+    low, high = stats.bootstrap_interval(stats.mean, a)
+    assert min(a) < low < stats.mean(a) < high < max(a)
+    assert stats.bootstrap_interval(stats.mean, a, seed=1) != (low, high) == stats.bootstrap_interval(stats.mean, a)
+
+
 # Each study's own arithmetic.
+
+def test_flip_study_reads_off_the_epochs_alternating_flip_needs():
+    runs = lambda *accs: [{'tta_val_acc': a / 100} for a in accs]  # noqa: E731
+    arms_by_budget = {6: ('alternating 6', 'random 6'), 10: ('alternating 10', 'random 10')}
+    log = {'arms': {'alternating 6': runs(93.0, 93.0), 'random 6': runs(92.0, 92.0),
+                    'alternating 10': runs(95.0, 95.0), 'random 10': runs(94.5, 94.5)}}
+    text = flip_study.effective_epochs(log, arms_by_budget)  # 94.5 lies 3/4 of the way from 93 to 95
+    assert text == ("alternating flip reaches random flip's 10-epoch mean (94.50%) at 9.00 epochs, 10.0% fewer "
+                    "(95% bootstrap interval 9.00 to 9.00; linear between budgets)")  # 6 epochs: below the curve
+    log['arms']['random 10'] = runs(94.0, 95.2)  # mean 94.6; 95.2 twice lies beyond the curve
+    assert flip_study.effective_epochs(log, arms_by_budget).startswith(
+        "alternating flip reaches random flip's 10-epoch mean (94.60%) at 9.20 epochs, 8.0% fewer (95% bootstrap "
+        "interval 8.00 to > 10;")  # the low end: 94.0 twice
+    assert flip_study.effective_epochs(log, {6: arms_by_budget[6]}) == ''  # one budget: no curve
+
 
 def test_variance_decomposition_by_hand():
     correct = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
