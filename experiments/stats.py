@@ -90,9 +90,9 @@ def epochs_to_match(curve, target):
     if goal < means[0]:
         return -math.inf
     for b0, b1, m0, m1 in zip(budgets, budgets[1:], means, means[1:]):
-        if min(m0, m1) <= goal <= max(m0, m1) and m0 != m1:
-            return b0 + (b1 - b0) * (goal - m0) / (m1 - m0)
-    return math.inf if goal > max(means) else budgets[means.index(goal)]
+        if min(m0, m1) <= goal <= max(m0, m1):
+            return b0 if m0 == m1 else b0 + (b1 - b0) * (goal - m0) / (m1 - m0)
+    return math.inf
 
 
 def bootstrap_interval(statistic, *samples, resamples=2000, seed=0):
