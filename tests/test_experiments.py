@@ -65,7 +65,8 @@ def test_epochs_to_match_interpolates_linearly_between_budgets():
     assert stats.epochs_to_match(curve, [93.0]) == 6 and stats.epochs_to_match(curve, [96.0]) == 10
     assert stats.epochs_to_match(curve, [92.0]) == -math.inf and stats.epochs_to_match(curve, [97.0]) == math.inf
     flat_then_rising = {6: [93.0], 10: [93.0], 12: [96.0]}  # reached first at 6; 94.5 halfway from 10 to 12
-    assert stats.epochs_to_match(flat_then_rising, [93.0]) == 6 and stats.epochs_to_match(flat_then_rising, [94.5]) == 11
+    assert stats.epochs_to_match(flat_then_rising, [93.0]) == 6
+    assert stats.epochs_to_match(flat_then_rising, [94.5]) == 11
 
 
 def test_bootstrap_keeps_paired_runs_paired_and_brackets_the_statistic():
