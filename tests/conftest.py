@@ -42,6 +42,7 @@ ABLATIONS = [name for name, _, _ in SERIES] + ['ablations/train_resnet18']
 ALL_SCRIPTS = SCRIPTS + ABLATIONS
 ONLY_AIRBENCH94 = pytest.mark.parametrize('script', ['airbench94'], indirect=True)  # for the shared bookkeeping
 SMALL_WIDTHS = {'block1': 32, 'block2': 64, 'block3': 64}  # >= 24, the whitening conv's output
+SMALL_RESNET_WIDTHS = {'block1': 16, 'block2': 16, 'block3': 32, 'block4': 32}  # its first stage runs at 32x32
 
 
 def flatten(hyp):
@@ -79,14 +80,16 @@ def expected(script):
 
 @pytest.fixture(autouse=True)
 def small_uncompiled_networks(request, monkeypatch):
-    """Behaviour tests train narrow networks (SMALL_WIDTHS), so that every script's training
-    tests take seconds on a CPU, and skip torch.compile (tested on its own, marked `compile`).
+    """Behaviour tests train narrow networks (SMALL_WIDTHS; the ResNet-18: SMALL_RESNET_WIDTHS), so that
+    every script's training tests take seconds on a CPU, and skip torch.compile (tested on its own,
+    marked `compile`).
     Tests of the real sizes opt out with the `full_size` marker."""
     if 'script' not in request.fixturenames:
         return
     script = request.getfixturevalue('script')
     if not request.node.get_closest_marker('full_size'):
-        monkeypatch.setitem(script.hyp['net'], 'widths', SMALL_WIDTHS)
+        resnet = 'block4' in script.hyp['net']['widths']
+        monkeypatch.setitem(script.hyp['net'], 'widths', SMALL_RESNET_WIDTHS if resnet else SMALL_WIDTHS)
     if hasattr(script, 'compile_net') and not request.node.get_closest_marker('compile'):
         monkeypatch.setattr(script, 'compile_net', lambda net, device: net)
 

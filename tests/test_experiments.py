@@ -189,7 +189,7 @@ def test_baseline_runs_are_reused_only_when_trained_the_same_way(tiny_studies, t
     assert [r['tta_val_acc'] for r in reused] == [r['tta_val_acc'] for r in fresh] == \
         [r['tta_val_acc'] for r in flip['alternating flip, 2 epochs']]
     # other epochs: nothing to reuse, so the baseline is trained
-    trained = dynamic_ls.main(common + ['--epochs', '3', '--baseline-from', str(flip_log)])['arms'][
+    trained = dynamic_ls.main(common + ['--epochs', '0.5', '--baseline-from', str(flip_log)])['arms'][
         'label smoothing 0.2 (airbench94)']
     assert not any('reused_from' in run for run in trained)
     with pytest.raises(SystemExit, match='not a study log'):
