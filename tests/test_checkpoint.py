@@ -25,7 +25,8 @@ def test_resumed_training_ends_where_an_uninterrupted_one_ends(script, tiny_data
 
     def trained(report, seed=0, checkpoint=None):
         # 8 steps an epoch: the interrupted epoch already holds a lookahead update (every 5 steps)
-        train = script.CifarLoader(tiny_data_dir, train=True, batch_size=32, aug=script.hyp['aug'], device='cpu')
+        train = script.CifarLoader(tiny_data_dir, train=True, batch_size=16, aug=script.hyp['aug'], device='cpu')
+        train.images, train.labels = train.images[:128], train.labels[:128]
         test = script.CifarLoader(tiny_data_dir, train=False, batch_size=64, device='cpu')
         return script.train(train, test, report=report, dtype=torch.float32, epochs=3.5, seed=seed,
                             checkpoint=checkpoint)
