@@ -51,3 +51,16 @@ def test_output_shape_and_spatial_sizes(script):
     logits = net(torch.randn(3, 3, 32, 32))
     assert logits.shape == (3, 10) and logits.dtype == torch.float32
     assert sizes == [15, 7, 3]
+
+
+def test_logits_are_the_heads_output_scaled_down(script):
+    """As published: the head's output times 1/9 in float32 (airbench94_muon, airbench94_2025: 1/width,
+    tests/test_muon.py and tests/test_2025.py)."""
+    if 'scaling_factor' not in script.hyp['net']:
+        pytest.skip(f'{script.__name__} divides its logits by the width')
+    assert script.hyp['net']['scaling_factor'] == 1 / 9
+    net = script.make_net()
+    heads = []
+    net.head.register_forward_hook(lambda module, inputs, output: heads.append(output))
+    logits = net(torch.randn(2, 3, 32, 32))
+    assert torch.allclose(logits, heads[0].float() / 9, rtol=1e-6, atol=0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import ONLY_AIRBENCH94, only_for
+from conftest import ONLY_AIRBENCH94, SMALL_WIDTHS, only_for
 
 FAST = dict(epochs=2, seed=0)  # a few steps on the tiny dataset: seconds on a CPU
 
@@ -67,6 +67,22 @@ def test_lookahead_update_arithmetic(script):
     assert 'num_batches_tracked' not in state.ema
 
 
+def test_lookahead_pulls_every_5_steps_ever_harder_and_ends_on_the_average(script, loaders, monkeypatch):
+    """As published: every 5 steps an EMA update with decay 0.95**5 * (step / total_steps)**3, and
+    the trained network is set to the EMA at the last step."""
+    only_for(script, 'LookaheadState')
+    monkeypatch.setitem(script.hyp['net'], 'widths', SMALL_WIDTHS)
+    train, _ = loaders
+    train.images, train.labels, train.batch_size = train.images[:64], train.labels[:64], 16
+    # 4 steps per epoch: 4.6 epochs are 19 steps (18.4, rounded up)
+    decays = []
+    update = script.LookaheadState.update
+    monkeypatch.setattr(script.LookaheadState, 'update',
+                        lambda self, net, decay: decays.append(decay) or update(self, net, decay))
+    script.train(train, dtype=torch.float32, epochs=4.6, seed=0)
+    assert decays == pytest.approx([0.95**5 * (step / 19) ** 3 for step in (5, 10, 15)] + [1.0])
+
+
 def test_tta_level_1_is_the_mean_of_image_and_mirror(script, loaders):
     _, test = loaders
     net = script.make_net().eval()
@@ -94,6 +110,9 @@ def test_infer_ignores_shuffle_and_keeps_stored_order(script, loaders):
         expected = net(train.normalize(train.images))
     assert torch.allclose(script.infer(net, train, tta_level=0), expected, atol=1e-5)
     assert script.infer(net, train, tta_level=0).shape == (256, 10)
+    net.train()  # infer evaluates in eval mode and gives the network back in the mode it found it in
+    script.infer(net, train, tta_level=0)
+    assert net.training
 
 
 def test_training_end_to_end_learns_and_reports_each_epoch(script, loaders):

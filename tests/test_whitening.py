@@ -1,4 +1,5 @@
 """The whitening conv: eigenvector filters that decorrelate 2x2 patches."""
+import pytest
 import torch
 
 
@@ -31,3 +32,23 @@ def test_filters_come_largest_eigenvalue_first_then_negated(script):
     # Filters are eigenvectors / sqrt(lambda + eps): their norms grow as the eigenvalues shrink.
     norms = weights[:12].norm(dim=1)
     assert torch.all(norms[1:] >= norms[:-1] * (1 - 1e-5))
+
+
+class Fitted(Exception):
+    """Stops a training once its whitening conv is fitted."""
+
+
+def test_training_fits_the_whitening_to_the_first_5000_training_images(script, tiny_data_dir, monkeypatch):
+    """As published: the first 5000 training images, normalized (airbench94_2025: its first 960)."""
+    count = script.hyp['net'].get('whitening_images', 5000)
+    loader = script.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=script.hyp['aug'], device='cpu')
+    loader.images, loader.labels = torch.rand(count + 64, 3, 32, 32), torch.zeros(count + 64, dtype=torch.long)
+    seen = []
+
+    def fitted(layer, images):
+        seen.append(images)
+        raise Fitted
+    monkeypatch.setattr(script, 'init_whitening_conv', fitted)
+    with pytest.raises(Fitted):
+        script.train(loader, dtype=torch.float32, epochs=1, seed=0)
+    assert torch.equal(seen[0], loader.normalize(loader.images[:count]))
