@@ -64,3 +64,12 @@ def test_logits_are_the_heads_output_scaled_down(script):
     net.head.register_forward_hook(lambda module, inputs, output: heads.append(output))
     logits = net(torch.randn(2, 3, 32, 32))
     assert torch.allclose(logits, heads[0].float() / 9, rtol=1e-6, atol=0)
+
+
+def test_activations_are_gelu(script):
+    """As published: GELU after the whitening conv and in every block (airbench94_2025's blocks: SiLU, the record's)."""
+    net = script.make_net()
+    blocks = [m for m in net.modules() if isinstance(m, script.ConvGroup)]
+    in_blocks = torch.nn.SiLU if script.__name__ == 'airbench94_2025' else torch.nn.GELU
+    assert type(net.layers[0]) is torch.nn.GELU
+    assert len(blocks) == 3 and all(type(block.activ) is in_blocks for block in blocks)
