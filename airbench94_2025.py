@@ -187,7 +187,7 @@ class Net(nn.Module):
         super().__init__()
         self.whiten = nn.Conv2d(3, 24, kernel_size=2, padding=0, bias=True)
         self.whiten.weight.requires_grad = False  # set from the data by init_whitening_conv, frozen
-        nn.init.zeros_(self.whiten.bias)
+        # The bias keeps PyTorch's default init (uniform in +-1/sqrt(12)), as published; airbench94's starts at 0.
         self.layers = nn.Sequential(
             nn.GELU(),
             ConvGroup(24, widths['block1'], batchnorm_momentum),
