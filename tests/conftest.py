@@ -50,6 +50,14 @@ def flatten(hyp):
     return {(section, key): value for section, knobs in hyp.items() for key, value in knobs.items()}
 
 
+def quintic(x, coefficients=(3.4445, -4.7750, 2.0315), steps=3):
+    """What Newton-Schulz does to each singular value of G / ||G||_F (airbench94_muon's coefficients)."""
+    a, b, c = coefficients
+    for _ in range(steps):
+        x = a * x + b * x ** 3 + c * x ** 5
+    return x
+
+
 def only_for(script, *pieces):
     """Skip a test of pieces that `script` does not have (airbench94_muon trains by Muon, without
     airbench94's schedule, decoupled SGD or lookahead): shown as skipped, with the reason."""

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import SMALL_WIDTHS, load_script
+from conftest import SMALL_WIDTHS, load_script, quintic
 
 
 @pytest.fixture
@@ -64,6 +64,23 @@ def test_batched_newton_schulz_equals_one_matrix_at_a_time(record):
         assert 0.5 < singular_values.min() and singular_values.max() < 1.3  # near 1, as Muon wants
 
 
+@pytest.mark.parametrize('shape', [(64, 576), (576, 64)])
+def test_newton_schulz_applies_the_records_quintic_to_each_singular_value(record, shape):
+    G = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    (X,) = record.newton_schulz([G], dtype=torch.float32)
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    record_quintic = quintic(S / G.norm(), coefficients=(3.4576, -4.7391, 2.0843))
+    assert torch.allclose(X, U @ torch.diag(record_quintic) @ Vh, atol=1e-4)
+
+
+def test_newton_schulz_runs_in_float16_on_cuda_as_the_record_does(record, monkeypatch):
+    assert record.newton_schulz_dtype(torch.device('cuda')) == torch.float16
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: True)
+    assert record.newton_schulz_dtype(torch.device('cpu')) == torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
+    assert record.newton_schulz_dtype(torch.device('cpu')) == torch.float32
+
+
 def test_filters_are_renormalized_ever_more_rarely():
     record = load_script('airbench94_2025')
     steps = [step for step in range(243) if record.renormalizing(step, 243)]
@@ -103,6 +120,19 @@ def test_the_whitening_bias_trains_its_7_steps_then_stops(record, tiny_data_dir,
     record.train(loader, dtype=torch.float32, epochs=2, seed=0, whiten_bias_epochs=0.5)  # 4 of 8 steps an epoch
     assert trained == [True] * 4 + [False] * 12
     assert lrs[:4] == pytest.approx([0.0573 * (1 - step / 4) for step in range(4)])
+
+
+def test_muon_lr_falls_linearly_and_its_filters_renormalize_and_decay_as_the_record_says(record, tiny_data_dir,
+                                                                                        monkeypatch):
+    loader = record.CifarLoader(tiny_data_dir, train=True, batch_size=32, aug=record.hyp['aug'], device='cpu')
+    groups = []
+    muon_step = record.Muon.step
+    monkeypatch.setattr(record.Muon, 'step', lambda self: groups.append(dict(self.param_groups[0])) or muon_step(self))
+    record.train(loader, dtype=torch.float32, epochs=1.9, seed=0)  # 1.9 epochs of 8 steps: 16 steps, rounded up
+    total = 16
+    assert [group['lr'] for group in groups] == pytest.approx([0.205 * (1 - step / total) for step in range(total)])
+    assert [group['renormalize'] for group in groups] == [record.renormalizing(step, total) for step in range(total)]
+    assert all(group['decay'] == pytest.approx(1.0418e-6 * 32) for group in groups)  # per example, times the batch
 
 
 def test_whitening_comes_from_the_first_960_training_images(record, tiny_data_dir, monkeypatch):

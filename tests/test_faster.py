@@ -1,6 +1,9 @@
 """airbench96_faster.py: the proxy that chooses the data, and the main pass over the same stream."""
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import SMALL_WIDTHS, load_script
 
@@ -103,3 +106,52 @@ def test_the_recipe_is_the_one_published(faster, tiny_data_dir, monkeypatch):
     assert multipliers[:5] == pytest.approx([faster.lr_multiplier(step, 20, opt['lr_warmup'], opt['lr_start'],
                                                                   opt['lr_end']) for step in (0, 4, 8, 12, 16)])
     assert all(not torch.equal(a, b) for a, b in zip(biases, biases[1:]))  # trained in every epoch
+
+
+class Stop(Exception):
+    pass
+
+
+def test_the_proxy_is_a_narrow_airbench94_and_steps_on_the_kept_losses_of_its_one_forward(faster, tiny_data_dir,
+                                                                                          monkeypatch):
+    """As published: the proxy is airbench94's network at widths 32/64/64 (BatchNorm as the main one's),
+    whitened from the first 5000 training images; its first step's gradient is that of the label-smoothed
+    losses of the kept examples, summed, from one forward of the whole batch in training mode."""
+    loader = faster.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=faster.hyp['aug'], device='cpu')
+    loader.images, loader.labels = torch.rand(5064, 3, 32, 32), torch.randint(0, 10, (5064,))
+    fitted, batches, proxies, first = [], [], [], {}
+    init, make_proxy, iterate = faster.init_whitening_conv, faster.make_proxy, faster.CifarLoader.__iter__
+    monkeypatch.setattr(faster, 'init_whitening_conv', lambda layer, images: fitted.append((layer, images))
+                        or init(layer, images))
+    monkeypatch.setattr(faster, 'make_proxy', lambda: proxies.append(make_proxy()) or proxies[-1])
+
+    def recorded(self):
+        for inputs, labels in iterate(self):
+            batches.append((inputs.clone(), labels.clone()))
+            yield inputs, labels
+    monkeypatch.setattr(faster.CifarLoader, '__iter__', recorded)
+
+    def first_step(self, *args, **kwargs):
+        first['weights'] = copy.deepcopy(proxies[0].state_dict())  # where the gradient was taken
+        first['grads'] = [p.grad.clone() for p in proxies[0].parameters() if p.requires_grad]
+        raise Stop
+    monkeypatch.setattr(torch.optim.SGD, 'step', first_step)
+    opt = dict(faster.hyp['opt'], epochs=1)
+    with pytest.raises(Stop):
+        faster.proxy_selection(loader, opt, total_steps=len(loader), dtype=torch.float32,
+                               books=faster.Bookkeeper(loader, torch.float32, opt))
+    convs = [m for m in proxies[0].modules() if isinstance(m, faster.Conv)]  # airbench94's blocks: 2 convs each
+    assert [m.out_channels for m in convs] == [32, 32, 64, 64, 64, 64]
+    norms = [m for m in proxies[0].modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.momentum == pytest.approx(0.1) for m in norms)  # as the main network's (paper convention 0.9)
+    ((layer, images),) = fitted
+    assert layer is proxies[0].whiten and torch.equal(images, loader.normalize(loader.images[:5000]))
+    proxy = make_proxy()
+    proxy.load_state_dict(first['weights'])
+    proxy.whiten.bias.requires_grad = False  # as proxy_selection freezes it
+    inputs, labels = batches[0]
+    losses = F.cross_entropy(proxy(inputs), labels, label_smoothing=0.2, reduction='none')
+    losses[faster.keep_highest_loss(losses.detach(), 32)].sum().backward()
+    expected = [p.grad for p in proxy.parameters() if p.requires_grad]
+    assert len(expected) == len(first['grads'])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(first['grads'], expected))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import SMALL_WIDTHS, load_script
+from conftest import SMALL_WIDTHS, load_script, quintic
 
 
 @pytest.fixture
@@ -14,19 +14,23 @@ def muon(monkeypatch):
     return script
 
 
-def quintic(x, steps=3):
-    """What newton_schulz does to each singular value of G / ||G||_F."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    for _ in range(steps):
-        x = a * x + b * x ** 3 + c * x ** 5
-    return x
-
-
 def band():
     """Where one more iteration sends anything between the quintic's peak (x = 0.555) and its value there
     (1.202): about [0.68, 1.202]. The iteration oscillates in this band instead of converging to 1."""
     values = quintic(torch.linspace(0.555, 1.2024, 100_001, dtype=torch.float64), steps=1)
     return values.min().item(), values.max().item()
+
+
+def test_the_recipe_is_the_published_one():
+    muon = load_script('airbench94_muon')
+    opt, aug, net = muon.hyp['opt'], muon.hyp['aug'], muon.hyp['net']
+    assert (opt['batch_size'], opt['epochs'] * (50_000 // opt['batch_size'])) == (2000, 200)
+    assert (opt['muon_lr'], opt['muon_momentum']) == (0.24, 0.6)
+    assert (opt['bias_lr'], opt['head_lr'], opt['momentum'], opt['weight_decay']) == (0.053, 0.67, 0.85, 2e-6)
+    assert (opt['label_smoothing'], opt['whiten_bias_epochs']) == (0.2, 3)
+    assert aug == {'flip': True, 'translate': 2}
+    assert (net['widths'], net['batchnorm_momentum'], net['tta_level']) == (
+        {'block1': 64, 'block2': 256, 'block3': 256}, 0.6, 2)
 
 
 @pytest.mark.parametrize('shape', [(64, 576), (576, 64), (256, 2304)])
@@ -95,17 +99,19 @@ def test_muon_trains_the_filters_and_sgd_everything_else(muon):
 
 def test_lrs_fall_linearly_to_zero_and_the_whitening_bias_freezes_after_3_epochs(muon, tiny_data_dir, monkeypatch):
     loader = muon.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=muon.hyp['aug'], device='cpu')  # 4 steps
-    lrs, whiten_bias_grads = [], []
-    sgd_step = torch.optim.SGD.step
+    lrs, whiten_bias_grads, muon_lrs = [], [], []
+    sgd_step, muon_step = torch.optim.SGD.step, muon.Muon.step
+    monkeypatch.setattr(muon.Muon, 'step', lambda self: muon_lrs.append(self.param_groups[0]['lr']) or muon_step(self))
 
     def recording_step(self, *args, **kwargs):
         lrs.append([group['lr'] for group in self.param_groups])
         whiten_bias_grads.append(self.param_groups[0]['params'][0].grad is not None)
         return sgd_step(self, *args, **kwargs)
     monkeypatch.setattr(torch.optim.SGD, 'step', recording_step)
-    muon.train(loader, dtype=torch.float32, epochs=5, seed=0)
-    total, whiten_steps = 20, 12
+    muon.train(loader, dtype=torch.float32, epochs=4.6, seed=0)
+    total, whiten_steps = 19, 12  # 4.6 epochs of 4 steps: rounded up
     assert [lr[2] for lr in lrs] == pytest.approx([0.67 * (1 - s / total) for s in range(total)])
+    assert muon_lrs == pytest.approx([0.24 * (1 - s / total) for s in range(total)])
     expected = [0.053 * (1 - s / whiten_steps) for s in range(whiten_steps)]
     assert [lr[0] for lr in lrs[:whiten_steps]] == pytest.approx(expected)
     assert whiten_bias_grads == [True] * whiten_steps + [False] * (total - whiten_steps)
