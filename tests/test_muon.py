@@ -1,4 +1,5 @@
-"""airbench94_muon.py: the Muon optimizer and the parts of its recipe that airbench94 does not have."""
+"""airbench94_muon.py: the Muon optimizer and the parts of its recipe that airbench94 does not have (the
+choice of precision for Newton-Schulz on airbench94_2025 too)."""
 import math
 
 import pytest
@@ -134,3 +135,23 @@ def test_newton_schulz_runs_in_bfloat16_only_where_the_device_has_it(muon, monke
     assert muon.newton_schulz_dtype(cuda) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: False)
     assert muon.newton_schulz_dtype(cuda) == torch.float32
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize('name', ['airbench94_muon', 'airbench94_2025'])
+def test_training_orthogonalizes_in_the_precision_chosen_for_the_device(name, tiny_data_dir, monkeypatch):
+    script = load_script(name)
+    monkeypatch.setattr(script, 'newton_schulz_dtype', lambda device: torch.bfloat16)  # as on a CPU with bf16
+    make_optimizers, chosen = script.make_optimizers, []
+
+    def recorded(*args):
+        chosen.append(make_optimizers(*args)[1].newton_schulz_dtype)
+        raise Stop
+    monkeypatch.setattr(script, 'make_optimizers', recorded)
+    loader = script.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=script.hyp['aug'], device='cpu')
+    with pytest.raises(Stop):
+        script.train(loader, dtype=torch.float32, epochs=1, seed=0)
+    assert chosen == [torch.bfloat16]
