@@ -53,6 +53,20 @@ def test_jitter_is_uniform_per_image_in_the_records_ranges(record):
         assert abs(values.mean()) < 0.01 and values.std() == pytest.approx(limit / math.sqrt(3), rel=0.05)
 
 
+def test_the_loader_jitters_each_normalized_training_image(record, tiny_data_dir):
+    aug = {'brightness': 0.1399, 'contrast': 0.1308}
+    loader = record.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=aug, device='cpu', shuffle=False)
+    loader.images[..., 0], loader.images[..., 1] = 0.0, 1.0  # so that (u, v) can be read off each image
+    normalized = loader.normalize(loader.images[:64])
+    inputs, _ = next(iter(loader))
+    (x0, x1), (y0, y1) = normalized[:, 0, 0, :2].T, inputs[:, 0, 0, :2].T
+    v = (y1 - y0) / (x1 - x0) - 1
+    u = y0 / (1 + v) - x0
+    assert torch.allclose(inputs, (normalized + u.view(-1, 1, 1, 1)) * (1 + v.view(-1, 1, 1, 1)), atol=1e-4)
+    assert u.abs().max() <= 0.1399 + 1e-4 and v.abs().max() <= 0.1308 + 1e-4
+    assert u.std() > 0.03 and v.std() > 0.03  # drawn per image
+
+
 def test_batched_newton_schulz_equals_one_matrix_at_a_time(record):
     generator = torch.Generator().manual_seed(0)
     matrices = [torch.randn(*shape, generator=generator) for shape in ((64, 216), (64, 576), (256, 2304), (96, 32))]
