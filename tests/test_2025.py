@@ -14,6 +14,10 @@ def record(monkeypatch):
     return script
 
 
+class Stop(Exception):
+    pass
+
+
 def test_the_recipe_is_the_records():
     record = load_script('airbench94_2025')
     opt, aug, net = record.hyp['opt'], record.hyp['aug'], record.hyp['net']
@@ -93,6 +97,21 @@ def test_newton_schulz_runs_in_float16_on_cuda_as_the_record_does(record, monkey
     assert record.newton_schulz_dtype(torch.device('cpu')) == torch.bfloat16
     monkeypatch.setattr(torch.ops.mkldnn, '_is_mkldnn_bf16_supported', lambda: False)
     assert record.newton_schulz_dtype(torch.device('cpu')) == torch.float32
+
+
+def test_in_float16_the_record_computes_batchnorm_in_float16_too(record, tiny_data_dir, monkeypatch):
+    """The record's precision on CUDA (airbench94's keeps BatchNorm in float32)."""
+    loader = record.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=record.hyp['aug'], device='cpu')
+    monkeypatch.setattr(record, 'choose_device_and_dtype', lambda device=None, dtype=None: (device, torch.float16))
+    nets = []
+
+    def recorded(net, *args):
+        nets.append(net)
+        raise Stop
+    monkeypatch.setattr(record, 'make_optimizers', recorded)
+    with pytest.raises(Stop):
+        record.train(loader, epochs=1, seed=0)
+    assert {t.dtype for t in nets[0].state_dict().values() if t.is_floating_point()} == {torch.float16}
 
 
 def test_filters_are_renormalized_ever_more_rarely():
