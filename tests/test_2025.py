@@ -178,16 +178,19 @@ def test_whitening_comes_from_the_first_960_training_images(record, tiny_data_di
     assert torch.equal(seen[0], loader.normalize(loader.images[:100]))
 
 
-def test_selective_tta_gives_six_views_to_the_least_confident_quarter_only(record, tiny_data_dir):
+@pytest.mark.parametrize('fraction, unsure_count', [(0.25, 16), (0.5, 32)])  # the record's quarter, or hyp's share
+def test_selective_tta_gives_six_views_to_the_least_confident_fraction_only(record, tiny_data_dir, monkeypatch,
+                                                                           fraction, unsure_count):
+    monkeypatch.setitem(record.hyp['net'], 'tta_fraction', fraction)
     loader = record.CifarLoader(tiny_data_dir, train=False, batch_size=64, device='cpu')  # 64 images
     net = record.make_net().eval()
     one_view = record.infer(net, loader, tta_level=0)
     selective = record.infer(net, loader, tta_level=3)
-    unsure = one_view.softmax(1).amax(1).argsort()[:16]  # a quarter of 64
+    unsure = one_view.softmax(1).amax(1).argsort()[:unsure_count]
     with torch.no_grad():
         six = record.six_views(net, loader.normalize(loader.images[unsure]))
     changed = (selective != one_view).any(1)
-    assert changed.sum() == 16 and changed[unsure].all()
+    assert changed.sum() == unsure_count and changed[unsure].all()
     assert torch.allclose(selective[unsure], six, atol=1e-5)
     assert torch.equal(selective[~changed], one_view[~changed])  # the rest keep their one-view logits
     x = loader.normalize(loader.images[:4])
