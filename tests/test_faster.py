@@ -155,3 +155,26 @@ def test_the_proxy_is_a_narrow_airbench94_and_steps_on_the_kept_losses_of_its_on
     expected = [p.grad for p in proxy.parameters() if p.requires_grad]
     assert len(expected) == len(first['grads'])
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(first['grads'], expected))
+
+
+def test_a_run_interrupted_after_the_proxy_pass_keeps_it(faster, tiny_data_dir, tmp_path, monkeypatch):
+    """The proxy's pass is a checkpoint of its own: stopped in the main pass's first epoch, the run
+    continues from the saved selection instead of running the proxy again."""
+    loader = faster.CifarLoader(tiny_data_dir, train=True, batch_size=64, aug=faster.hyp['aug'], device='cpu')
+    checkpoint, passes = tmp_path / 'checkpoint.pt', []
+    proxy_selection, make_net = faster.proxy_selection, faster.make_net
+    monkeypatch.setattr(faster, 'proxy_selection', lambda *args: passes.append(1) or proxy_selection(*args))
+
+    def interrupt(module, inputs):
+        raise KeyboardInterrupt  # Ctrl-C at the main network's first step
+
+    def interrupted_net():
+        net = make_net()
+        net.register_forward_pre_hook(interrupt)
+        return net
+    monkeypatch.setattr(faster, 'make_net', interrupted_net)
+    with pytest.raises(KeyboardInterrupt):
+        faster.train(loader, dtype=torch.float32, epochs=2, seed=0, checkpoint=checkpoint)
+    monkeypatch.setattr(faster, 'make_net', make_net)
+    faster.train(loader, dtype=torch.float32, epochs=2, seed=0, checkpoint=checkpoint)
+    assert passes == [1]
