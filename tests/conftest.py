@@ -50,6 +50,10 @@ def flatten(hyp):
     return {(section, key): value for section, knobs in hyp.items() for key, value in knobs.items()}
 
 
+class Stop(Exception):
+    """Raised by a test's stand-in to end a training early, once the test has seen what it checks."""
+
+
 def quintic(x, coefficients=(3.4445, -4.7750, 2.0315), steps=3):
     """What Newton-Schulz does to each singular value of G / ||G||_F (airbench94_muon's coefficients)."""
     a, b, c = coefficients

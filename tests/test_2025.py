@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import SMALL_WIDTHS, load_script, quintic
+from conftest import SMALL_WIDTHS, Stop, load_script, quintic
 
 
 @pytest.fixture
@@ -12,10 +12,6 @@ def record(monkeypatch):
     script = load_script('airbench94_2025')
     monkeypatch.setitem(script.hyp['net'], 'widths', SMALL_WIDTHS)
     return script
-
-
-class Stop(Exception):
-    pass
 
 
 def test_the_recipe_is_the_records():

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SMALL_WIDTHS, load_script
+from conftest import SMALL_WIDTHS, Stop, load_script
 
 
 @pytest.fixture
@@ -106,10 +106,6 @@ def test_the_recipe_is_the_one_published(faster, tiny_data_dir, monkeypatch):
     assert multipliers[:5] == pytest.approx([faster.lr_multiplier(step, 20, opt['lr_warmup'], opt['lr_start'],
                                                                   opt['lr_end']) for step in (0, 4, 8, 12, 16)])
     assert all(not torch.equal(a, b) for a, b in zip(biases, biases[1:]))  # trained in every epoch
-
-
-class Stop(Exception):
-    pass
 
 
 def test_the_proxy_is_a_narrow_airbench94_and_steps_on_the_kept_losses_of_its_one_forward(faster, tiny_data_dir,

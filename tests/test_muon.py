@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from conftest import SMALL_WIDTHS, load_script, quintic
+from conftest import SMALL_WIDTHS, Stop, load_script, quintic
 
 
 @pytest.fixture
@@ -135,10 +135,6 @@ def test_newton_schulz_runs_in_bfloat16_only_where_the_device_has_it(muon, monke
     assert muon.newton_schulz_dtype(cuda) == torch.bfloat16
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda: False)
     assert muon.newton_schulz_dtype(cuda) == torch.float32
-
-
-class Stop(Exception):
-    pass
 
 
 @pytest.mark.parametrize('name', ['airbench94_muon', 'airbench94_2025'])
