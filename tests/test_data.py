@@ -66,8 +66,20 @@ def test_cutout_zeroes_one_square_of_the_given_size_inside_the_image(script, siz
     assert torch.all(zeroed[:, 0].sum((1, 2)) == size * size)
     rows, cols = zeroed[:, 0].any(2), zeroed[:, 0].any(1)
     assert torch.all(rows.sum(1) == size) and torch.all(cols.sum(1) == size)  # a square, not scattered
-    top = rows.float().argmax(1)
-    assert top.min() == 0 and top.max() == 32 - size  # placements cover the image, corners included
+    top, left = rows.float().argmax(1), cols.float().argmax(1)
+    for corner in (top, left):
+        assert corner.min() == 0 and corner.max() == 32 - size  # placements cover the image, edges included
+    assert (top == left).float().mean() < 0.2  # the two axes drawn independently (equal 1 time in 33 - size)
+
+
+def test_the_loader_cuts_out_last_so_every_training_image_keeps_the_whole_square(script, tiny_data_dir):
+    """Flip, translate, then cutout: no square is shifted partly out of the image or mirrored by the padding."""
+    torch.manual_seed(0)
+    loader = script.CifarLoader(tiny_data_dir, train=True, batch_size=256, device='cpu',
+                                aug=dict(flip=True, translate=4, cutout=12))
+    loader.images = torch.full_like(loader.images, 0.9)  # nonzero once normalized, everywhere
+    zeroed = next(iter(loader))[0][:, 0] == 0
+    assert torch.all(zeroed.sum((1, 2)) == 12 * 12) and torch.all(zeroed.any(2).sum(1) == 12)
 
 
 def test_loader_holds_the_split_on_the_device(script, tiny_data_dir):
