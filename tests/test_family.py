@@ -143,6 +143,19 @@ def test_each_network_is_compiled_where_hyp_says_and_only_there(name, monkeypatc
     assert all(kwargs.get('dynamic') is False for _, kwargs in compiled)
 
 
+@pytest.mark.parametrize('name', ['airbench94_compiled', 'airbench94_muon', 'airbench94_2025', 'airbench96_faster'])
+def test_on_cuda_the_network_compiles_with_max_autotune_and_static_shapes_where_triton_is(name, monkeypatch):
+    """As published: mode max-autotune, one graph per shape. torch.compile itself is replaced by a recorder."""
+    import torch.utils._triton
+    script = load_script(name)
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda net, **kwargs: calls.append(kwargs))
+    for triton in (False, True):
+        monkeypatch.setattr(torch.utils._triton, 'has_triton', lambda: triton)
+        script.compile_net(script.make_net(), torch.device('cuda'))
+    assert calls == [dict(mode='max-autotune', dynamic=False)]
+
+
 @pytest.mark.parametrize('name', ['airbench94_muon', 'airbench94_2025', 'airbench96_faster'])
 def test_without_triton_a_cuda_run_trains_uncompiled(name, monkeypatch):
     """torch.compile needs Triton to generate CUDA code (absent e.g. on Windows): the script then trains as it
