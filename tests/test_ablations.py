@@ -109,6 +109,16 @@ def test_resnet18_cuts_out_before_it_translates(monkeypatch):
     assert calls == ['cutout', 'translate']
 
 
+def test_main0_trains_its_first_conv_unbiased_then_batchnorm_and_gelu():
+    """The series' start: the first conv (3 -> 24, 2x2, no bias) trains like any other layer, followed by a
+    BatchNorm(24) and the GELU; main1 makes it the frozen whitening conv and removes that BatchNorm."""
+    net = load_script('ablations/main0_network').make_net()
+    conv, (norm, activation) = net.first_conv, list(net.layers)[:2]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.bias) == (3, 24, (2, 2), None)
+    assert conv.weight.requires_grad
+    assert isinstance(norm, nn.BatchNorm2d) and norm.num_features == 24 and isinstance(activation, nn.GELU)
+
+
 def test_the_series_starts_from_nothing_and_ends_at_airbench94():
     assert load_script(SERIES[0][0]).features == ()
     assert load_script(SERIES[-1][0]).features == tuple(FEATURES)
@@ -135,6 +145,30 @@ def definitions(path):
 # Each feature, detected from behaviour where it can be: probe(script, data_dir) -> bool.
 def first_conv(net):
     return next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_each_step_takes_the_recipes_loss_at_the_scheduled_lr(script, tiny_data_dir, monkeypatch):
+    """The release's loop: the loss summed over the batch with the recipe's label smoothing (the ResNet-18: a
+    mean), every lr set from the schedule before its step, and a fractional last epoch rounded up to a step."""
+    losses, lrs = [], []
+    cross_entropy = torch.nn.functional.cross_entropy
+    monkeypatch.setattr(torch.nn.functional, 'cross_entropy',
+                        lambda *a, **k: losses.append(k) or cross_entropy(*a, **k))
+
+    def record_lrs(epoch, net, optimizer, opt):
+        if epoch == 0:
+            optimizer.register_step_pre_hook(lambda optim, *_: lrs.append([g['lr'] for g in optim.param_groups]))
+    train = tiny_loaders(script, tiny_data_dir)[0]  # 4 steps an epoch
+    script.train(train, dtype=torch.float32, epochs=1.3, seed=0, on_epoch_start=record_lrs)
+    assert len(losses) == len(lrs) == math.ceil(1.3 * 4)
+    opt = script.hyp['opt']
+    reduction = 'mean' if 'resnet18' in script.__name__ else 'sum'
+    assert all(k.get('label_smoothing', 0.0) == opt['label_smoothing'] and k.get('reduction', 'mean') == reduction
+               for k in losses)
+    initial = script.make_optimizer(script.make_net(), opt, batch_size=64).param_groups
+    knobs = {key: opt[f'lr_{key}'] for key in ('warmup', 'start', 'end')}
+    assert lrs == [pytest.approx([g['lr'] * script.lr_multiplier(step, 6, **knobs) for g in initial])
+                   for step in range(6)]
 
 
 TRAINED = {}  # script name -> (net, per-epoch rows): a narrow net trained for 4 epochs on the tiny data
