@@ -2,6 +2,10 @@
 import pytest
 import torch
 
+from conftest import SCRIPTS, SERIES
+
+WHITENED = SCRIPTS + [name for name, _, _ in SERIES[1:]]  # the family and the ablations from main1 on
+
 
 def whitened_patch_covariance(script, layer, images):
     out = torch.nn.functional.conv2d(images, layer.weight[:12])  # the 12 un-negated filters
@@ -38,6 +42,7 @@ class Fitted(Exception):
     """Stops a training once its whitening conv is fitted."""
 
 
+@pytest.mark.parametrize('script', WHITENED, indirect=True)
 def test_training_fits_the_whitening_to_the_first_5000_training_images(script, tiny_data_dir, monkeypatch):
     """As published: the first 5000 training images, normalized (airbench94_2025: its first 960)."""
     count = script.hyp['net'].get('whitening_images', 5000)
