@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import SMALL_WIDTHS, flatten, load_script
+from conftest import SMALL_WIDTHS, Stop, flatten, load_script
 
 # Every hyperparameter that a script changes relative to airbench94.py.
 DIFFERENCES = {
@@ -120,6 +120,28 @@ def test_the_warm_up_compiles_every_graph_and_later_runs_compile_nothing(monkeyp
     net = compiled.train(train, test, dtype=torch.float32, epochs=4, seed=0)  # a timed run: past the freeze
     compiled.evaluate(net, test, tta_level=2)
     assert counters['stats']['unique_graphs'] == graphs
+
+
+def test_on_cuda_an_untimed_warm_up_trains_first_and_leaves_the_loader_whole(script, tiny_data_dir, monkeypatch):
+    """cudnn's autotuning, lazy initialization and compilation stay out of the timed runs, compiled or not; a CPU
+    has nothing to warm up. airbench94_compiled's warm-up is one batch an epoch, past the whitening bias's freeze."""
+    import argparse
+    loader = script.CifarLoader(tiny_data_dir, batch_size=64, aug=script.hyp['aug'], device='cpu')
+    trained = []
+
+    def recorder(train_loader, *args, **kwargs):
+        trained.append((len(train_loader.images), kwargs['epochs']))
+        raise Stop
+    monkeypatch.setattr(script, 'train', recorder)
+    for device in ('cpu', 'cuda'):
+        args = argparse.Namespace(device=torch.device(device), dtype=torch.float32, epochs=2, tta_level=2)
+        try:
+            script.warm_up(args, loader, loader)
+        except Stop:
+            pass
+    compiled = script.__name__ == 'airbench94_compiled'
+    assert trained == [(64, script.hyp['opt']['whiten_bias_epochs'] + 1) if compiled else (256, 2)]
+    assert len(loader.images) == len(loader.labels) == 256 and loader.epoch == 0
 
 
 @pytest.mark.parametrize('name', ['airbench94_compiled', 'airbench94_muon', 'airbench94_2025', 'airbench96_faster'])
