@@ -67,6 +67,8 @@ def test_compiled_script_says_when_it_cannot_compile_and_trains_uncompiled(monke
     monkeypatch.setitem(compiled.hyp['net'], 'widths', SMALL_WIDTHS)
     loader = compiled.CifarLoader(tiny_data_dir, batch_size=64, device='cpu')
     compiled.train(loader, dtype=torch.float32, epochs=1, seed=0)
+    monkeypatch.setattr(torch._dynamo, 'is_dynamo_supported', lambda: False)  # e.g. a Python too new for it
+    assert 'torch.compile does not support Python' in compiled.compile_problem(torch.device('cuda'))
 
 
 @pytest.mark.compile
