@@ -160,15 +160,16 @@ def test_each_step_takes_the_recipes_loss_at_the_scheduled_lr(script, tiny_data_
             optimizer.register_step_pre_hook(lambda optim, *_: lrs.append([g['lr'] for g in optim.param_groups]))
     train = tiny_loaders(script, tiny_data_dir)[0]  # 4 steps an epoch
     script.train(train, dtype=torch.float32, epochs=1.3, seed=0, on_epoch_start=record_lrs)
-    assert len(losses) == len(lrs) == math.ceil(1.3 * 4)
+    steps = math.ceil(1.3 * 4)
+    assert len(losses) == len(lrs) == steps
     opt = script.hyp['opt']
     reduction = 'mean' if 'resnet18' in script.__name__ else 'sum'
     assert all(k.get('label_smoothing', 0.0) == opt['label_smoothing'] and k.get('reduction', 'mean') == reduction
                for k in losses)
     initial = script.make_optimizer(script.make_net(), opt, batch_size=64).param_groups
     knobs = {key: opt[f'lr_{key}'] for key in ('warmup', 'start', 'end')}
-    assert lrs == [pytest.approx([g['lr'] * script.lr_multiplier(step, 6, **knobs) for g in initial])
-                   for step in range(6)]
+    assert lrs == [pytest.approx([g['lr'] * script.lr_multiplier(step, steps, **knobs) for g in initial])
+                   for step in range(steps)]
 
 
 TRAINED = {}  # script name -> (net, per-epoch rows): a narrow net trained for 4 epochs on the tiny data

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import SCRIPTS, SERIES
+from conftest import SCRIPTS, SERIES, Stop
 
 WHITENED = SCRIPTS + [name for name, _, _ in SERIES[1:]]  # the family and the ablations from main1 on
 
@@ -38,10 +38,6 @@ def test_filters_come_largest_eigenvalue_first_then_negated(script):
     assert torch.all(norms[1:] >= norms[:-1] * (1 - 1e-5))
 
 
-class Fitted(Exception):
-    """Stops a training once its whitening conv is fitted."""
-
-
 @pytest.mark.parametrize('script', WHITENED, indirect=True)
 def test_training_fits_the_whitening_to_the_first_5000_training_images(script, tiny_data_dir, monkeypatch):
     """As published: the first 5000 training images, normalized (airbench94_2025: its first 960)."""
@@ -52,8 +48,8 @@ def test_training_fits_the_whitening_to_the_first_5000_training_images(script, t
 
     def fitted(layer, images):
         seen.append(images)
-        raise Fitted
+        raise Stop
     monkeypatch.setattr(script, 'init_whitening_conv', fitted)
-    with pytest.raises(Fitted):
+    with pytest.raises(Stop):
         script.train(loader, dtype=torch.float32, epochs=1, seed=0)
     assert torch.equal(seen[0], loader.normalize(loader.images[:count]))
