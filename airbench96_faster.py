@@ -437,13 +437,19 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
 TTA_VIEWS = {0: 1, 1: 2, 2: 6}  # views per image at each tta_level
 
 
+def view_logits(net, images):
+    """net(images), copied as it comes: compiled with CUDA graphs (max-autotune), the network returns its
+    output in memory that its next call overwrites, and a TTA keeps each view's logits past the next view."""
+    return net(images).clone()
+
+
 def tta_logits(net, images, tta_level):
     """Level 0: one view. 1: mean with the mirror. 2: half that, plus a quarter each of the same
     for the image shifted one pixel up-left and down-right (reflect-padded): 6 views."""
     def mirrored(x):
-        return 0.5 * (net(x) + net(x.flip(-1)))
+        return 0.5 * (view_logits(net, x) + view_logits(net, x.flip(-1)))
     if tta_level == 0:
-        return net(images)
+        return view_logits(net, images)
     if tta_level == 1:
         return mirrored(images)
     h, w = images.shape[-2:]

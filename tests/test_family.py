@@ -180,6 +180,34 @@ def test_on_cuda_the_network_compiles_with_max_autotune_and_static_shapes_where_
     assert calls == [dict(mode='max-autotune', dynamic=False)]
 
 
+class CudaGraphOutputs(torch.nn.Module):
+    """Stands in for a network compiled with CUDA graphs (max-autotune): each call returns its output in memory
+    that the next call overwrites (here with NaN, then its own output; on a GPU, reading it raises an error)."""
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.memory = net, {}
+
+    def forward(self, x):
+        for output in self.memory.values():
+            output.fill_(float('nan'))
+        output = self.net(x)
+        return self.memory.setdefault(output.shape, torch.empty_like(output)).copy_(output)
+
+
+@pytest.mark.parametrize('name', ['airbench94_compiled', 'airbench94_muon', 'airbench94_2025', 'airbench96_faster',
+                                  'ablations/main8_compile'])
+def test_evaluation_keeps_no_network_output_past_the_next_call_as_cuda_graphs_overwrite_it(name, tiny_data_dir,
+                                                                                         monkeypatch):
+    """Every TTA level, over several batches, gives the same logits from a network that reuses its output memory."""
+    script = load_script(name)
+    monkeypatch.setitem(script.hyp['net'], 'widths', SMALL_WIDTHS)
+    net = script.make_net().eval()
+    test = script.CifarLoader(tiny_data_dir, train=False, batch_size=64, device='cpu')
+    for tta_level in script.TTA_VIEWS:
+        expected = script.infer(net, test, tta_level, batch_size=16)
+        assert torch.allclose(script.infer(CudaGraphOutputs(net), test, tta_level, batch_size=16), expected), tta_level
+
+
 @pytest.mark.parametrize('name', ['airbench94_muon', 'airbench94_2025', 'airbench96_faster'])
 def test_without_triton_a_cuda_run_trains_uncompiled(name, monkeypatch):
     """torch.compile needs Triton to generate CUDA code (absent e.g. on Windows): the script then trains as it
