@@ -180,22 +180,26 @@ def test_on_cuda_the_network_compiles_with_max_autotune_and_static_shapes_where_
     assert calls == [dict(mode='max-autotune', dynamic=False)]
 
 
-class CudaGraphOutputs(torch.nn.Module):
-    """Stands in for a network compiled with CUDA graphs (max-autotune): each call returns its output in memory
-    that the next call overwrites (here with NaN, then its own output; on a GPU, reading it raises an error)."""
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.memory = net, {}
-
-    def forward(self, x):
-        for output in self.memory.values():
-            output.fill_(float('nan'))
-        output = self.net(x)
-        return self.memory.setdefault(output.shape, torch.empty_like(output)).copy_(output)
+COMPILING = ['airbench94_compiled', 'airbench94_muon', 'airbench94_2025', 'airbench96_faster',
+             'ablations/main8_compile']
 
 
-@pytest.mark.parametrize('name', ['airbench94_compiled', 'airbench94_muon', 'airbench94_2025', 'airbench96_faster',
-                                  'ablations/main8_compile'])
+def reusing_output_memory(net):
+    """Make `net` behave as compiled with CUDA graphs (max-autotune): each call returns its output in memory that
+    the next call overwrites (here with NaN, then its own output; on a GPU, reading it raises an error)."""
+    forward, memory = net.forward, {}
+
+    def forward_into_memory(x):
+        with torch.no_grad():
+            for output in memory.values():
+                output.fill_(float('nan'))
+        output = forward(x)
+        return memory.setdefault(output.shape, torch.empty_like(output)).detach_().copy_(output)  # a graph per call
+    net.forward = forward_into_memory
+    return net
+
+
+@pytest.mark.parametrize('name', COMPILING)
 def test_evaluation_keeps_no_network_output_past_the_next_call_as_cuda_graphs_overwrite_it(name, tiny_data_dir,
                                                                                          monkeypatch):
     """Every TTA level, over several batches, gives the same logits from a network that reuses its output memory."""
@@ -203,9 +207,30 @@ def test_evaluation_keeps_no_network_output_past_the_next_call_as_cuda_graphs_ov
     monkeypatch.setitem(script.hyp['net'], 'widths', SMALL_WIDTHS)
     net = script.make_net().eval()
     test = script.CifarLoader(tiny_data_dir, train=False, batch_size=64, device='cpu')
+    expected = {tta_level: script.infer(net, test, tta_level, batch_size=16) for tta_level in script.TTA_VIEWS}
+    reusing_output_memory(net)
     for tta_level in script.TTA_VIEWS:
-        expected = script.infer(net, test, tta_level, batch_size=16)
-        assert torch.allclose(script.infer(CudaGraphOutputs(net), test, tta_level, batch_size=16), expected), tta_level
+        assert torch.allclose(script.infer(net, test, tta_level, batch_size=16), expected[tta_level]), tta_level
+
+
+@pytest.mark.parametrize('name', COMPILING)
+def test_a_training_reads_each_network_output_before_the_next_call_as_cuda_graphs_need(name, tiny_data_dir,
+                                                                                     monkeypatch):
+    """With its networks reusing their output memory (the proxy too), a training reports the same epochs, per-epoch
+    evaluation included, and ends with the same TTA logits."""
+    script = load_script(name)
+    monkeypatch.setitem(script.hyp['net'], 'widths', SMALL_WIDTHS)
+    train = script.CifarLoader(tiny_data_dir, batch_size=64, aug=script.hyp['aug'], device='cpu')
+    test = script.CifarLoader(tiny_data_dir, train=False, batch_size=64, device='cpu')
+
+    def run():
+        rows = []
+        net = script.train(train, test, report=rows.append, dtype=torch.float32, epochs=1, seed=0)
+        return [(row['train_loss'], row['train_acc'], row['val_acc']) for row in rows], script.infer(net, test)
+    rows, logits = run()
+    monkeypatch.setattr(script, 'compile_net', lambda net, device: reusing_output_memory(net))
+    patched_rows, patched_logits = run()
+    assert patched_rows == rows and torch.equal(patched_logits, logits)
 
 
 @pytest.mark.parametrize('name', ['airbench94_muon', 'airbench94_2025', 'airbench96_faster'])
