@@ -228,10 +228,22 @@ def compiles_on(device):
     return device.type in hyp['net']['compile_on'] and (device.type != 'cuda' or has_triton())
 
 
+NET_MEMORY = {}  # the parameters and buffers of compiled networks, one set per network shape (see compile_net)
+
+
 def compile_net(net, device):
-    """Compile `net` in place (max-autotune on CUDA) where compiles_on(device). Compiled code is cached by the
-    code it compiles, not by the module: every later network reuses it."""
+    """Compile `net` in place (max-autotune on CUDA) where compiles_on(device). Compiled code is cached by the code
+    it compiles, so every later network reuses it. CUDA graphs, though, are recorded for the addresses of the
+    parameters and buffers: each network moves into the memory of the previous one of its shapes, else every
+    training would record every graph again (and each call would check all older recordings first). So, as the
+    published script re-initializes its one model for each run, a compiled training overwrites the weights of the
+    network that the previous one returned (clone them to keep them)."""
     if compiles_on(device):
+        state = net.state_dict()
+        memory = NET_MEMORY.setdefault(tuple((k, v.shape, v.dtype, v.device) for k, v in state.items()), state)
+        for k, v in memory.items():
+            v.copy_(state[k])
+        net.load_state_dict(memory, assign=True)  # the addresses of every earlier network of these shapes
         net.compile(mode='max-autotune' if device.type == 'cuda' else None, dynamic=False)
     return net
 
@@ -373,6 +385,7 @@ def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_ep
           progress=False, **overrides):
     """Choose the data with the proxy, then train a fresh network on it and return the network (set to
     its lookahead weights). `seconds` counts both passes.
+    Compiled, the network is in the previous training's memory (compile_net).
 
     train_loader: a training CifarLoader (default: the data dir's training set with hyp['aug']).
     test_loader:  if given, val_acc is measured after each epoch (not counted in `seconds`).

@@ -219,11 +219,23 @@ def compile_problem(device):
     return f'torch.compile is not supported on {device.type} here'
 
 
+NET_MEMORY = {}  # the parameters and buffers of compiled networks, one set per network shape (see compile_net)
+
+
 def compile_net(net, device):
-    """Compile `net` in place (its parameters and state_dict are unchanged): max-autotune on CUDA, the default
-    mode elsewhere. Shapes are static: a new batch size compiles a new specialized graph, not a slower dynamic one.
-    Compiled code is cached by the code it compiles, not by the module: every later network reuses it."""
+    """Compile `net` in place: max-autotune on CUDA, the default mode elsewhere. Shapes are static: a new batch size
+    compiles a new specialized graph, not a slower dynamic one. Compiled code is cached by the code it compiles, so
+    every later network reuses it. CUDA graphs, though, are recorded for the addresses of the parameters and
+    buffers: each network moves into the memory of the previous one of its shapes, else every training would record
+    every graph again (and each call would check all older recordings first). So, as the published script
+    re-initializes its one model for each run, a compiled training overwrites the weights of the network that the
+    previous one returned (clone them to keep them)."""
     if compile_problem(device) is None:
+        state = net.state_dict()
+        memory = NET_MEMORY.setdefault(tuple((k, v.shape, v.dtype, v.device) for k, v in state.items()), state)
+        for k, v in memory.items():
+            v.copy_(state[k])
+        net.load_state_dict(memory, assign=True)  # the addresses of every earlier network of these shapes
         net.compile(mode='max-autotune' if device.type == 'cuda' else None, dynamic=False)
     return net
 
@@ -311,6 +323,7 @@ class LookaheadState:
 def train(train_loader=None, test_loader=None, *, dtype=None, report=None, on_epoch_start=None, checkpoint=None,
           progress=False, **overrides):
     """Train a fresh network and return it (set to its lookahead weights).
+    Compiled, the network is in the previous training's memory (compile_net).
 
     train_loader: a training CifarLoader (default: the data dir's training set with hyp['aug']).
     test_loader:  if given, val_acc is measured after each epoch (not counted in `seconds`).

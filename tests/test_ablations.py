@@ -23,7 +23,7 @@ CODE = {'whiten': {'Net', 'make_net', 'get_patches', 'init_whitening_conv', 'tra
         'dirac': {'Conv'}, 'scalebias': {'make_optimizer'}, 'freeze': {'train'},
         'lookahead': {'LookaheadState', 'train'}, 'tta': {'tta_logits', 'TTA_VIEWS'},
         'mirror': {'CifarLoader', 'train'},
-        'compile': {'compile_problem', 'compile_net', 'train', 'warm_up', 'view_logits', 'tta_logits'}}
+        'compile': {'compile_problem', 'NET_MEMORY', 'compile_net', 'train', 'warm_up', 'view_logits', 'tta_logits'}}
 NEIGHBOURS = [(SERIES[k], SERIES[k + 1]) for k in range(len(SERIES) - 1)]
 
 

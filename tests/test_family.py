@@ -254,3 +254,33 @@ def test_without_triton_a_cuda_run_trains_uncompiled(name, monkeypatch):
     monkeypatch.setattr(torch.utils._triton, 'has_triton', lambda: False)
     monkeypatch.setitem(script.hyp['net'], 'compile_on', ('cuda', 'cpu'))
     assert script.compiles_on(cpu) and not script.compiles_on(cuda)
+
+
+@pytest.mark.parametrize('name', COMPILING)
+def test_compiled_each_training_takes_over_the_memory_of_the_last_as_cuda_graphs_are_recorded_there(
+        name, tiny_data_dir, monkeypatch):
+    """A training's compiled networks (the proxy too) have their parameters and buffers at the addresses of the
+    previous training's, even while that network is still held, and train as fresh ones: the same epochs and
+    logits as uncompiled. torch.compile itself is replaced by a recorder of those addresses."""
+    script = load_script(name)
+    monkeypatch.setitem(script.hyp['net'], 'widths', SMALL_WIDTHS)
+    train = script.CifarLoader(tiny_data_dir, batch_size=64, aug=script.hyp['aug'], device='cpu')
+    test = script.CifarLoader(tiny_data_dir, train=False, batch_size=64, device='cpu')
+    addresses = []
+    monkeypatch.setattr(torch.nn.Module, 'compile', lambda net, **kwargs: addresses.append(
+        [tensor.data_ptr() for tensor in net.state_dict().values()]))
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kwargs: fn)
+
+    def run():
+        rows = []
+        net = script.train(train, test, report=rows.append, dtype=torch.float32, epochs=1, seed=0)
+        return net, [(row['train_loss'], row['train_acc'], row['val_acc']) for row in rows], script.infer(net, test)
+    _, rows, logits = run()
+    assert addresses == []  # uncompiled on a CPU by default
+    monkeypatch.setitem(script.hyp['net'], 'compile_on', ('cuda', 'cpu'))
+    first, first_rows, first_logits = run()
+    networks = len(addresses)  # 2 with a proxy
+    _, second_rows, second_logits = run()  # while the first network is held
+    assert networks in (1, 2) and addresses[networks:] == addresses[:networks]
+    assert first_rows == second_rows == rows
+    assert torch.equal(first_logits, logits) and torch.equal(second_logits, logits)
