@@ -67,6 +67,24 @@ def test_lookahead_update_arithmetic(script):
     assert 'num_batches_tracked' not in state.ema
 
 
+def test_lookahead_keeps_each_average_in_its_tensors_precision(script):
+    """As published: on a GPU the weights are float16 and BatchNorm float32; each average keeps its tensor's
+    dtype, and both kinds are averaged and pulled back in the same update."""
+    only_for(script, 'LookaheadState')
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
+    with torch.no_grad():
+        net[0].weight.zero_()
+    net[0].half()
+    state = script.LookaheadState(net)
+    assert state.ema['0.weight'].dtype == torch.float16 and state.ema['1.bias'].dtype == torch.float32
+    with torch.no_grad():
+        net[0].weight.fill_(1.0)
+        net[1].bias.fill_(1.0)
+    state.update(net, decay=0.75)
+    assert net[0].weight.dtype == torch.float16 and torch.equal(net[0].weight, torch.full((2, 2), 0.25).half())
+    assert torch.equal(net[1].bias, torch.full((2,), 0.25)) and torch.equal(state.ema['0.weight'], net[0].weight)
+
+
 def test_lookahead_pulls_every_5_steps_ever_harder_and_ends_on_the_average(script, loaders, monkeypatch):
     """As published: every 5 steps an EMA update with decay 0.95**5 * (step / total_steps)**3, and
     the trained network is set to the EMA at the last step."""
