@@ -67,10 +67,14 @@ def test_lookahead_update_arithmetic(script):
     assert 'num_batches_tracked' not in state.ema
 
 
-def test_lookahead_keeps_each_average_in_its_tensors_precision(script):
+def test_lookahead_keeps_each_average_in_its_tensors_precision(script, monkeypatch):
     """As published: on a GPU the weights are float16 and BatchNorm float32; each average keeps its tensor's
-    dtype, and both kinds are averaged and pulled back in the same update."""
+    dtype, and both kinds are averaged and pulled back in the same update, one foreach call per dtype (the
+    one-kernel path on a GPU takes tensors of one dtype)."""
     only_for(script, 'LookaheadState')
+    lerp, calls = torch._foreach_lerp_, []
+    record = lambda averages, current, weight: calls.append({t.dtype for t in averages + current})
+    monkeypatch.setattr(torch, '_foreach_lerp_', lambda *args: record(*args) or lerp(*args))
     net = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.BatchNorm1d(2))
     with torch.no_grad():
         net[0].weight.zero_()
@@ -83,6 +87,7 @@ def test_lookahead_keeps_each_average_in_its_tensors_precision(script):
     state.update(net, decay=0.75)
     assert net[0].weight.dtype == torch.float16 and torch.equal(net[0].weight, torch.full((2, 2), 0.25).half())
     assert torch.equal(net[1].bias, torch.full((2,), 0.25)) and torch.equal(state.ema['0.weight'], net[0].weight)
+    assert sorted(calls, key=str) == [{torch.float16}, {torch.float32}]
 
 
 def test_lookahead_pulls_every_5_steps_ever_harder_and_ends_on_the_average(script, loaders, monkeypatch):
